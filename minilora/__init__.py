@@ -1,0 +1,19 @@
+"""minilora: GPT-2 with LoRA fine-tuning in NumPy/CuPy, every backward pass by hand.
+
+    import minilora as ml
+    model = ml.GPTModel(ml.GPTConfig.from_preset("gpt2-small"))
+    ml.apply_lora(model, rank=16, alpha=16)
+"""
+
+from .backend import cuda_available, to_numpy
+from .lora import (
+    apply_lora,
+    disable_lora,
+    enable_lora,
+    merge_lora,
+    remove_lora,
+    unmerge_lora,
+)
+from .model import PRESETS, GPTConfig, GPTModel
+
+__version__ = "0.1.0"

@@ -1,0 +1,107 @@
+"""Array backend: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+This is the only module that imports CuPy, and it does so lazily, so a CPU-only
+install never needs it. Everything else writes its math once against
+``xp = get_array_module(x)`` (the CuPy idiom, see CuPy's user guide
+``basic.rst`` / ``difference.rst``).
+
+Random numbers always come from NumPy's seeded generator and are then moved to
+the device, so that a CPU run and a GPU run start from the same values.
+"""
+
+import os
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "float64")
+
+_cupy = None  # the cupy module once imported
+
+
+class BackendError(RuntimeError):
+    """The requested device cannot be used (no CuPy, no GPU, unknown name)."""
+
+
+def resolve_device(device=None):
+    """Return "cpu" or "cuda": the argument, else $MINILORA_DEVICE, else "cpu"."""
+    if device is None:
+        device = os.environ.get("MINILORA_DEVICE") or "cpu"
+    device = str(device).lower()
+    if device == "gpu":
+        device = "cuda"
+    if device not in DEVICES:
+        raise BackendError(f"unknown device {device!r}: expected one of {DEVICES}")
+    if device == "cuda":
+        _import_cupy()
+    return device
+
+
+def resolve_dtype(dtype):
+    """Return a NumPy dtype for "float32"/"float64" (or the dtypes themselves)."""
+    name = np.dtype(dtype).name
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}: expected one of {DTYPES}")
+    return np.dtype(name)
+
+
+def _import_cupy():
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy
+        except ImportError as e:
+            raise BackendError(
+                "device 'cuda' needs CuPy, which is not installed; install the extra that "
+                "matches your CUDA major version: pip install 'minilora[cuda12]' or "
+                "'minilora[cuda13]'") from e
+        try:
+            n = cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:  # CUDA driver missing or broken
+            raise BackendError(f"device 'cuda': CuPy is installed but CUDA is not usable ({e})") from e
+        if n == 0:
+            raise BackendError("device 'cuda': CuPy is installed but no GPU is visible")
+        _cupy = cupy
+    return _cupy
+
+
+def cuda_available():
+    """True when CuPy imports and sees at least one GPU."""
+    try:
+        _import_cupy()
+        return True
+    except BackendError:
+        return False
+
+
+def get_xp(device):
+    """The array module for a device: numpy for "cpu", cupy for "cuda"."""
+    return _import_cupy() if resolve_device(device) == "cuda" else np
+
+
+def get_array_module(x):
+    """numpy or cupy, whichever owns array ``x``."""
+    if _cupy is not None and isinstance(x, _cupy.ndarray):
+        return _cupy
+    return np
+
+
+def device_of(x):
+    """"cuda" for a CuPy array, "cpu" otherwise."""
+    return "cuda" if get_array_module(x) is not np else "cpu"
+
+
+def to_device(x, device, dtype=None):
+    """Copy (only if needed) array ``x`` to ``device``, optionally casting to ``dtype``."""
+    xp = get_xp(device)
+    if xp is np:
+        x = to_numpy(x)
+        return x if dtype is None else x.astype(dtype, copy=False)
+    return xp.asarray(x, dtype=dtype)
+
+
+def to_numpy(x):
+    """A NumPy array (or Python scalar passthrough) from a NumPy or CuPy array."""
+    if _cupy is not None and isinstance(x, _cupy.ndarray):
+        return _cupy.asnumpy(x)
+    return np.asarray(x)

@@ -1,0 +1,267 @@
+"""The layers of GPT-2 as paired forward/backward functions.
+
+Every layer is two functions::
+
+    out, cache = name_forward(x, *params)
+    dx, *dparams = name_backward(dout, cache)
+
+with the gradients in the order of the forward's inputs. A backward returns fresh
+arrays and never mutates ``dout`` or the cache. The math is written once with
+``xp = get_array_module(x)`` so it runs on NumPy and on CuPy.
+
+References: karpathy/llm.c ``train_gpt2.c`` and ``doc/layernorm``, CS231n ``layers.py``,
+jaymody/picoGPT ``gpt2.py``. Shapes: B batch, T time, C channels, NH heads,
+hs = C // NH head size, V vocabulary.
+"""
+
+import math
+
+from .backend import get_array_module
+
+# ---------------------------------------------------------------------------- embedding
+
+
+def embedding_forward(idx, wte, wpe):
+    """Token plus position embedding: out[b, t] = wte[idx[b, t]] + wpe[t].
+
+    idx: int (B, T), already validated to lie in [0, V) and T <= context length.
+    wte: (V, C) token table; wpe: (Tmax, C) position table.
+    Returns out (B, T, C) and cache (idx, V, Tmax).
+    """
+    T = idx.shape[1]
+    out = wte[idx] + wpe[:T]  # [B, T, C] + [T, C] -> [B, T, C]
+    return out, (idx, wte.shape[0], wpe.shape[0])
+
+
+def embedding_backward(dout, cache):
+    """Gradients of the two tables.
+
+    Each table row receives the sum of dout over every place it was used:
+      dwte[v] = sum over (b, t) with idx[b, t] == v of dout[b, t]
+      dwpe[t] = sum over b of dout[b, t]        (rows t >= T stay zero)
+    A token id repeated in the batch must accumulate, which plain fancy-index
+    assignment would not do (it keeps one write): hence xp.add.at.
+    """
+    idx, V, Tmax = cache
+    xp = get_array_module(dout)
+    B, T, C = dout.shape
+    dwte = xp.zeros((V, C), dtype=dout.dtype)
+    xp.add.at(dwte, idx.reshape(-1), dout.reshape(-1, C))  # scatter-add, repeats accumulate
+    dwpe = xp.zeros((Tmax, C), dtype=dout.dtype)
+    dwpe[:T] = dout.sum(axis=0)  # [B, T, C] -> [T, C]
+    return dwte, dwpe
+
+
+# ---------------------------------------------------------------------------- linear
+
+
+def linear_forward(x, w, b=None):
+    """Affine map y = x @ w + b, with w stored (in, out) as in the GPT-2 checkpoint.
+
+    x: (..., in); w: (in, out); b: (out,) or None. Returns y (..., out), cache (x, w).
+    """
+    y = x @ w  # [..., in] @ [in, out] -> [..., out]
+    if b is not None:
+        y += b
+    return y, (x, w)
+
+
+def linear_backward(dout, cache, need_dx=True, need_dw=True, need_db=True):
+    """Gradients of y = x @ w + b.
+
+      dx = dout @ w^T                         (..., in)
+      dw = sum over rows of x^T dout          (in, out)
+      db = sum over rows of dout              (out,)
+    Frozen means no work: pass need_dw=False / need_db=False for frozen parameters
+    and the matching gradient comes back as None without being computed.
+    """
+    x, w = cache
+    n_in, n_out = w.shape
+    dx = dout @ w.T if need_dx else None  # [..., out] @ [out, in] -> [..., in]
+    dw = x.reshape(-1, n_in).T @ dout.reshape(-1, n_out) if need_dw else None  # [in, out]
+    db = dout.reshape(-1, n_out).sum(axis=0) if need_db else None  # [out]
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------- layernorm
+
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    """LayerNorm over the last axis: y = (x - mean) * rstd * w + b.
+
+    x: (..., C); w, b: (C,). rstd = 1 / sqrt(var + eps), var the biased variance.
+    The cache holds x, w and the small statistics (mean, rstd), not the normalized
+    x: the backward recomputes n = (x - mean) * rstd, one cheap pass, instead of
+    keeping a second (..., C) array alive (llm.c's doc/layernorm does the same).
+    """
+    xp = get_array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)  # [..., 1]
+    xc = x - mean  # [..., C]
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # [..., 1]
+    rstd = 1.0 / xp.sqrt(var + eps)  # [..., 1], stays in x's dtype
+    y = xc * rstd * w + b  # [..., C]
+    return y, (x, w, mean, rstd)
+
+
+def layernorm_backward(dout, cache):
+    """Gradients of y = n * w + b with n = (x - mean) * rstd.
+
+      dn = dout * w
+      dx = rstd * (dn - mean(dn) - n * mean(dn * n))     (means over the last axis)
+      dw = sum over rows of dout * n
+      db = sum over rows of dout
+    The two mean terms come from mean and rstd depending on every x in the row.
+    """
+    x, w, mean, rstd = cache
+    C = x.shape[-1]
+    n = (x - mean) * rstd  # recomputed, see the forward
+    dn = dout * w
+    dx = rstd * (dn - dn.mean(axis=-1, keepdims=True) - n * (dn * n).mean(axis=-1, keepdims=True))
+    dw = (dout * n).reshape(-1, C).sum(axis=0)
+    db = dout.reshape(-1, C).sum(axis=0)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------- GELU
+
+_GELU_K = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x):
+    """GELU, tanh form (GPT-2's): y = 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi).
+
+    Cache: x alone; tanh is recomputed in the backward.
+    """
+    xp = get_array_module(x)
+    t = xp.tanh(_GELU_K * (x + 0.044715 * x * x * x))  # x*x*x, not x**3: no slow float pow
+    return 0.5 * x * (1.0 + t), x
+
+
+def gelu_backward(dout, cache):
+    """Derivative of y = 0.5 x (1 + t), t = tanh(u), u = k (x + 0.044715 x^3):
+
+      dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2)
+      dx = dout * dy/dx
+    """
+    x = cache
+    xp = get_array_module(x)
+    t = xp.tanh(_GELU_K * (x + 0.044715 * x * x * x))
+    dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_K * (1.0 + 3 * 0.044715 * x * x)
+    return (dout * dydx,)
+
+
+# ---------------------------------------------------------------------------- dropout
+
+
+def dropout_forward(x, p, rng=None):
+    """Inverted dropout: keep each entry with probability 1 - p and scale it by 1/(1 - p).
+
+    p == 0 (or rng None, i.e. evaluation) is the identity and caches nothing.
+    rng: a numpy Generator; the mask is drawn on the host so CPU and GPU runs agree,
+    then moved to x's device. Cache: the scaled mask (same shape as x) or None.
+    """
+    if p == 0.0 or rng is None:
+        return x, None
+    xp = get_array_module(x)
+    keep = rng.random(x.shape) >= p
+    mask = xp.asarray(keep, dtype=x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+    return x * mask, mask
+
+
+def dropout_backward(dout, cache):
+    """dx = dout * mask (the same scaled mask as the forward); identity when no mask."""
+    mask = cache
+    return (dout if mask is None else dout * mask,)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def attention_forward(qkv, n_heads, dropout_p=0.0, rng=None):
+    """Causal multi-head self-attention on the fused projection qkv = [q | k | v].
+
+    qkv: (B, T, 3C) as produced by the c_attn linear. Per head:
+      att = softmax(q k^T / sqrt(hs) + mask)     mask = -inf above the diagonal
+      y   = att v
+    and the heads are concatenated back to (B, T, C).
+    Cache: q, k, v as (B, NH, T, hs), att (after dropout, and before it when p > 0).
+    """
+    xp = get_array_module(qkv)
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    NH = n_heads
+    hs = C // NH
+    # [B, T, 3C] -> [3, B, NH, T, hs]; contiguous copies so the batched matmuls are fast
+    q, k, v = xp.ascontiguousarray(qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4))
+    scale = qkv.dtype.type(1.0 / math.sqrt(hs))
+    pre = (q @ k.transpose(0, 1, 3, 2)) * scale  # [B, NH, T, hs] @ [B, NH, hs, T] -> [B, NH, T, T]
+    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
+    pre[..., future] = -xp.inf  # a token never sees the future
+    # softmax, subtracting the row max so exp never overflows; the diagonal is never
+    # masked, so every row has a finite max and a non-zero sum
+    pre -= pre.max(axis=-1, keepdims=True)
+    att = xp.exp(pre, out=pre)
+    att /= att.sum(axis=-1, keepdims=True)
+    att_d, drop_cache = dropout_forward(att, dropout_p, rng)
+    y = att_d @ v  # [B, NH, T, T] @ [B, NH, T, hs] -> [B, NH, T, hs]
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble the heads side by side
+    return y, (q, k, v, att, att_d, drop_cache, scale)
+
+
+def attention_backward(dout, cache):
+    """Gradient with respect to qkv, read off the forward in reverse.
+
+      forward: y = att_d v                so  datt_d = dy v^T,      dv = att_d^T dy
+      forward: att_d = dropout(att)       so  datt = datt_d * mask
+      forward: att = softmax(pre)         so  dpre = att * (datt - sum_j(datt * att))
+               (masked entries have att = 0, so they get no gradient)
+      forward: pre = scale * q k^T        so  dq = scale * dpre k,  dk = scale * dpre^T q
+    Returns dqkv (B, T, 3C) with dq, dk, dv side by side as in the input.
+    """
+    q, k, v, att, att_d, drop_cache, scale = cache
+    xp = get_array_module(dout)
+    B, NH, T, hs = q.shape
+    C = NH * hs
+    dy = xp.ascontiguousarray(dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3))  # [B, NH, T, hs]
+    datt = dy @ v.transpose(0, 1, 3, 2)  # [B, NH, T, T]
+    dv = att_d.transpose(0, 1, 3, 2) @ dy  # [B, NH, T, hs]
+    (datt,) = dropout_backward(datt, drop_cache)
+    dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # softmax backward
+    dpre *= scale
+    dq = dpre @ k  # [B, NH, T, hs]
+    dk = dpre.transpose(0, 1, 3, 2) @ q  # [B, NH, T, hs]
+    dqkv = xp.empty((B, T, 3, NH, hs), dtype=dout.dtype)
+    for i, d in enumerate((dq, dk, dv)):
+        dqkv[:, :, i] = d.transpose(0, 2, 1, 3)  # [B, NH, T, hs] -> [B, T, NH, hs]
+    return (dqkv.reshape(B, T, 3 * C),)
+
+
+# ---------------------------------------------------------------------------- loss
+
+
+def cross_entropy_forward(logits, targets):
+    """Mean softmax cross-entropy: loss = mean_i(logsumexp(z_i) - z_i[y_i]).
+
+    logits: (N, K) float; targets: int (N,) in [0, K). Returns the loss as a 0-d array
+    (reading it as a float would force a device sync on the GPU) and cache
+    (probs, targets). The row max is subtracted before exp for stability.
+    """
+    xp = get_array_module(logits)
+    N = logits.shape[0]
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = xp.exp(z)
+    s = e.sum(axis=-1, keepdims=True)
+    logp_true = z[xp.arange(N), targets] - xp.log(s[:, 0])
+    probs = e / s
+    return -logp_true.mean(), (probs, targets)
+
+
+def cross_entropy_backward(dloss, cache):
+    """dlogits = dloss * (softmax(z) - onehot(y)) / N   (dloss: a float, usually 1.0)."""
+    probs, targets = cache
+    xp = get_array_module(probs)
+    N = probs.shape[0]
+    dlogits = probs.copy()
+    dlogits[xp.arange(N), targets] -= 1.0
+    dlogits *= probs.dtype.type(dloss / N)
+    return (dlogits,)

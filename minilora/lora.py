@@ -1,0 +1,275 @@
+"""LoRA: low-rank adapters on GPT-2's linear layers, forward and backward by hand.
+
+A LoRA-adapted linear computes
+
+    y = x @ W + b + s * (x @ A) @ B        A: (in, r), B: (r, out), s the scaling
+
+with W and b frozen and only A and B trained (Hu et al. 2021, "LoRA: Low-Rank
+Adaptation of Large Language Models"; Raschka, appendix E). On GPT-2's fused
+``c_attn`` (C -> 3C = [Q | K | V]) the book puts three separate adapters, one per
+column block; here every adapter names the columns of its linear it writes into,
+so the fused and the plain case are one mechanism.
+
+Scaling conventions (alpha, r):
+  "alpha_over_r"  s = alpha / r        the paper, PEFT, the book's current notebook
+  "alpha"         s = alpha            the book's print edition
+  "rslora"        s = alpha / sqrt(r)  rank-stabilized LoRA (Kalajdzievski 2023)
+"""
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .layers import dropout_backward, dropout_forward, linear_backward, linear_forward
+
+SCALINGS = ("alpha_over_r", "alpha", "rslora")
+
+# ---------------------------------------------------------------------------- layer pair
+
+
+def lora_forward(x, A, B, scale, dropout_p=0.0, rng=None):
+    """The low-rank path alone: delta = s * (dropout(x) @ A) @ B.
+
+    x: (..., in); A: (in, r); B: (r, out); scale: float s.
+    Returns delta (..., out) and cache (x_d, A, B, xa, s, dropout mask), where
+    xa = x_d @ A is (..., r): tiny, so it is kept rather than recomputed.
+    """
+    x_d, drop_cache = dropout_forward(x, dropout_p, rng)
+    xa = x_d @ A  # [..., in] @ [in, r] -> [..., r]
+    delta = xa @ B  # [..., r] @ [r, out] -> [..., out]
+    delta *= delta.dtype.type(scale)
+    return delta, (x_d, A, B, xa, scale, drop_cache)
+
+
+def lora_backward(dout, cache):
+    """Gradients of delta = s * (x_d @ A) @ B, with g = dout @ B^T of shape (..., r):
+
+      dB = s * (x_d A)^T dout        (r, out)   summed over every row
+      dA = s * x_d^T g               (in, r)
+      dx = s * g A^T                 (..., in)  then through the dropout mask
+    Going through the rank-r bottleneck first (g, then g A^T) keeps every product
+    thin: no (in, out) matrix is ever formed.
+    """
+    x_d, A, B, xa, scale, drop_cache = cache
+    n_in, r = A.shape
+    n_out = B.shape[1]
+    s = dout.dtype.type(scale)
+    d2 = dout.reshape(-1, n_out)  # [N, out]
+    dB = (xa.reshape(-1, r).T @ d2) * s  # [r, N] @ [N, out] -> [r, out]
+    g = (dout @ B.T) * s  # [..., out] @ [out, r] -> [..., r]
+    dA = x_d.reshape(-1, n_in).T @ g.reshape(-1, r)  # [in, N] @ [N, r] -> [in, r]
+    dx = g @ A.T  # [..., r] @ [r, in] -> [..., in]
+    (dx,) = dropout_backward(dx, drop_cache)
+    return dx, dA, dB
+
+
+def lora_linear_forward(x, w, b, A, B, scale):
+    """A whole LoRA linear, y = x @ w + b + s * (x @ A) @ B (used by gradcheck and docs;
+    the model composes linear_forward and lora_forward the same way)."""
+    y, c_lin = linear_forward(x, w, b)
+    delta, c_lora = lora_forward(x, A, B, scale)
+    return y + delta, (c_lin, c_lora)
+
+
+def lora_linear_backward(dout, cache):
+    """dx = dout W^T + s * (dout B^T) A^T; dA, dB as in lora_backward; the frozen W and b
+    get no gradient work at all. Returns (dx, dA, dB)."""
+    c_lin, c_lora = cache
+    dx, _, _ = linear_backward(dout, c_lin, need_dw=False, need_db=False)
+    dx_lora, dA, dB = lora_backward(dout, c_lora)
+    return dx + dx_lora, dA, dB
+
+
+# ---------------------------------------------------------------------------- on a model
+
+
+def lora_scale(alpha, rank, scaling):
+    """The factor s for a scaling convention (see the module docstring)."""
+    if scaling == "alpha_over_r":
+        return alpha / rank
+    if scaling == "alpha":
+        return float(alpha)
+    if scaling == "rslora":
+        return alpha / math.sqrt(rank)
+    raise ValueError(f"unknown LoRA scaling {scaling!r}: expected one of {SCALINGS}")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter: parameters `prefix`.lora_A/.lora_B, adding into columns `cols` of `linear`."""
+
+    prefix: str  # e.g. "h.0.attn.c_attn.q"
+    linear: str  # e.g. "h.0.attn.c_attn"
+    cols: slice  # the output columns of `linear` it writes into
+    scale: float
+
+
+def adapter_sites(model):
+    """Every place an adapter can go, in a fixed order: prefix -> (linear, cols, in, out)."""
+    C = model.cfg.emb_dim
+    sites = {}
+    for i in range(model.cfg.n_layers):
+        h = f"h.{i}."
+        for j, part in enumerate("qkv"):  # three adapters over the fused Q|K|V columns
+            sites[f"{h}attn.c_attn.{part}"] = (h + "attn.c_attn", slice(j * C, (j + 1) * C), C, C)
+        sites[h + "attn.c_proj"] = (h + "attn.c_proj", slice(None), C, C)
+        sites[h + "mlp.c_fc"] = (h + "mlp.c_fc", slice(None), C, 4 * C)
+        sites[h + "mlp.c_proj"] = (h + "mlp.c_proj", slice(None), 4 * C, C)
+    if "out_head.weight" in model.params:
+        sites["out_head"] = ("out_head", slice(None), C, model.n_out)
+    return sites
+
+
+def resolve_targets(model, targets="all", layers=None):
+    """The adapter prefixes selected by `targets` and `layers`.
+
+    targets: "all" (every linear, Q/K/V separately, and out_head when present),
+    "attention" (Q and V, as in the LoRA paper), or a list of names / glob patterns
+    matched against full prefixes ("h.*.mlp.c_fc") or their trailing part ("c_attn.q",
+    "mlp.c_proj", "out_head"). layers: block indices to keep (None = all).
+    """
+    sites = adapter_sites(model)
+    if targets == "all":
+        chosen = list(sites)
+    elif targets == "attention":
+        chosen = [p for p in sites if p.endswith(("c_attn.q", "c_attn.v"))]
+    else:
+        patterns = [targets] if isinstance(targets, str) else list(targets)
+        chosen = []
+        for pat in patterns:
+            hits = [p for p in sites if fnmatch.fnmatchcase(p, pat) or p.endswith("." + pat)]
+            if not hits:
+                raise ValueError(f"LoRA target {pat!r} matches no linear layer; e.g. {list(sites)[:6]}")
+            chosen += [p for p in hits if p not in chosen]
+        chosen.sort(key=list(sites).index)
+    if layers is not None:
+        keep = {f"h.{i}." for i in layers}
+        bad = [i for i in layers if not 0 <= i < model.cfg.n_layers]
+        if bad:
+            raise ValueError(f"LoRA layers {bad} out of range [0, {model.cfg.n_layers})")
+        chosen = [p for p in chosen if p == "out_head" or p[: p.index(".", 2) + 1] in keep]
+    return chosen
+
+
+class LoraState:
+    """What apply_lora attached to a model: settings, adapters per linear, mode flags."""
+
+    def __init__(self, rank, alpha, scaling, dropout, adapters, base_trainable):
+        self.rank, self.alpha, self.scaling, self.dropout = rank, alpha, scaling, dropout
+        self.adapters = adapters  # list of Adapter, in site order
+        self.by_linear = {}
+        for ad in adapters:
+            self.by_linear.setdefault(ad.linear, []).append(ad)
+        self.base_trainable = base_trainable  # model.trainable before apply_lora, for remove_lora
+        self.enabled = True
+        self.merged = False
+
+    @property
+    def scale(self):
+        return lora_scale(self.alpha, self.rank, self.scaling)
+
+    @property
+    def targets(self):
+        return [ad.prefix for ad in self.adapters]
+
+    @property
+    def param_names(self):
+        return [ad.prefix + s for ad in self.adapters for s in (".lora_A", ".lora_B")]
+
+    def active(self, linear):
+        """The adapters the forward must run on `linear` (none when disabled or merged)."""
+        if not self.enabled or self.merged:
+            return ()
+        return self.by_linear.get(linear, ())
+
+    def config(self):
+        return dict(rank=self.rank, alpha=self.alpha, scaling=self.scaling,
+                    dropout=self.dropout, targets=self.targets)
+
+
+def apply_lora(model, rank=16, alpha=16, scaling="alpha_over_r", targets="all", seed=123,
+               dropout=0.0, layers=None):
+    """Attach LoRA adapters to `model` and freeze every base parameter.
+
+    A is drawn uniform in +-1/sqrt(rank) (what torch's kaiming_uniform_(a=sqrt(5))
+    gives on an (in, r) tensor), B is zero: the adapted model starts equal to the
+    base model. Afterwards model.trainable is the LoRA parameters alone.
+    """
+    if model.lora is not None:
+        raise ValueError("the model already has LoRA adapters; remove_lora(model) first")
+    if not (isinstance(rank, (int, np.integer)) and rank > 0):
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    scale = lora_scale(alpha, rank, scaling)
+    sites = adapter_sites(model)
+    prefixes = resolve_targets(model, targets, layers)
+    rng = np.random.default_rng(seed)
+    bound = 1.0 / math.sqrt(rank)
+    adapters = []
+    for prefix in prefixes:
+        linear, cols, n_in, n_out = sites[prefix]
+        model.params[prefix + ".lora_A"] = model._to_model(rng.uniform(-bound, bound, (n_in, rank)))
+        model.params[prefix + ".lora_B"] = model._to_model(np.zeros((rank, n_out)))
+        adapters.append(Adapter(prefix, linear, cols, scale))
+    model.lora = LoraState(rank, alpha, scaling, dropout, adapters, list(model.trainable))
+    model.trainable = model.lora.param_names
+    return model
+
+
+def _require_lora(model):
+    if model.lora is None:
+        raise ValueError("the model has no LoRA adapters (apply_lora first)")
+    return model.lora
+
+
+def _fold(model, sign):
+    """W[:, cols] += sign * s * A @ B for every adapter."""
+    p = model.params
+    for ad in model.lora.adapters:
+        w = p[ad.linear + ".weight"]
+        w[:, ad.cols] += w.dtype.type(sign * ad.scale) * (p[ad.prefix + ".lora_A"] @ p[ad.prefix + ".lora_B"])
+
+
+def merge_lora(model):
+    """Fold s * A @ B into the base weights; the forward then runs no adapter work.
+    Same outputs within rounding. Training needs unmerge_lora first."""
+    state = _require_lora(model)
+    if not state.merged:
+        _fold(model, +1.0)
+        state.merged = True
+    return model
+
+
+def unmerge_lora(model):
+    """Undo merge_lora (exact inverse up to rounding)."""
+    state = _require_lora(model)
+    if state.merged:
+        _fold(model, -1.0)
+        state.merged = False
+    return model
+
+
+def disable_lora(model):
+    """Run the base model: adapters are kept but skipped (no effect when merged)."""
+    _require_lora(model).enabled = False
+    return model
+
+
+def enable_lora(model):
+    _require_lora(model).enabled = True
+    return model
+
+
+def remove_lora(model):
+    """Back to the plain model: unmerge, delete the adapters, restore what was trainable."""
+    state = _require_lora(model)
+    unmerge_lora(model)
+    for name in state.param_names:
+        del model.params[name]
+    model.trainable = [n for n in state.base_trainable if n in model.params]
+    model.lora = None
+    return model
+

@@ -1,0 +1,361 @@
+"""GPT-2: configuration, parameters under the Hugging Face names, forward and backward.
+
+The forward keeps what the backward needs; the backward is the forward read in
+reverse, one call per line (karpathy/llm.c ``train_gpt2.c``). Parameters live in
+one flat dict ``model.params`` under the names of the Hugging Face GPT-2
+checkpoint ("wte.weight", "h.0.attn.c_attn.weight", ..., "ln_f.bias"), weights
+stored (in, out) so every linear is ``x @ w + b`` (jaymody/picoGPT).
+
+References: Radford et al. 2019 (GPT-2); Raschka, "Build a Large Language Model
+(From Scratch)", ch. 4 and appendix E; karpathy/nanoGPT ``model.py``.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from . import backend
+from .layers import (
+    attention_backward,
+    attention_forward,
+    dropout_backward,
+    dropout_forward,
+    embedding_backward,
+    embedding_forward,
+    gelu_backward,
+    gelu_forward,
+    layernorm_backward,
+    layernorm_forward,
+    linear_backward,
+    linear_forward,
+)
+from .lora import lora_backward, lora_forward
+
+LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """GPT-2 hyperparameters, with the field names of Raschka's book."""
+
+    vocab_size: int = 50257  # BPE vocabulary size (50,000 merges + 256 bytes + <|endoftext|>)
+    context_length: int = 1024  # longest sequence; rows of the position table
+    emb_dim: int = 768  # model width C
+    n_heads: int = 12  # attention heads; emb_dim must divide by it
+    n_layers: int = 12  # transformer blocks
+    drop_rate: float = 0.0  # dropout on embeddings, attention weights and residual branches
+    qkv_bias: bool = True  # GPT-2 checkpoints carry a bias on the fused Q|K|V projection
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """One of PRESETS ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")."""
+        key = PRESET_ALIASES.get(name, name)
+        if key not in PRESETS:
+            raise ValueError(f"unknown GPT-2 preset {name!r}: expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[key], **overrides})
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+PRESETS = {
+    "gpt2-small": dict(emb_dim=768, n_layers=12, n_heads=12),  # 124M
+    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),  # 355M
+    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),  # 774M
+    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
+}
+PRESET_ALIASES = {"gpt2": "gpt2-small", "124M": "gpt2-small", "355M": "gpt2-medium",
+                  "774M": "gpt2-large", "1558M": "gpt2-xl"}
+
+
+def param_shapes(cfg):
+    """name -> shape of every base parameter, in checkpoint order (HF GPT-2 names)."""
+    C, V = cfg.emb_dim, cfg.vocab_size
+    shapes = {"wte.weight": (V, C), "wpe.weight": (cfg.context_length, C)}
+    for i in range(cfg.n_layers):
+        h = f"h.{i}."
+        shapes.update({
+            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
+            h + "attn.c_attn.weight": (C, 3 * C),
+            **({h + "attn.c_attn.bias": (3 * C,)} if cfg.qkv_bias else {}),
+            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
+            h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
+            h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
+            h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,),
+        })
+    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+    return shapes
+
+
+class GPTModel:
+    """GPT-2 with hand-written forward and backward.
+
+    params: dict name -> array (on the model's device, in its dtype).
+    trainable: list of the names backward returns gradients for; all parameters
+        until LoRA (or the user) freezes some. Frozen weights cost no gradient work.
+    lora: the adapters' state once ``minilora.apply_lora`` has run, else None.
+    """
+
+    def __init__(self, cfg, seed=0, dtype="float32", device=None, init=True):
+        if isinstance(cfg, str):
+            cfg = GPTConfig.from_preset(cfg)
+        self.cfg = cfg
+        self.dtype = backend.resolve_dtype(dtype)
+        self.device = backend.resolve_device(device)
+        self.xp = backend.get_xp(self.device)
+        self.params = {}
+        self.trainable = []
+        self.lora = None
+        self.training = True
+        self._dropout_rng = np.random.default_rng(seed + 1)
+        self._cache = None
+        if init:
+            self._init_params(seed)
+            self.trainable = list(self.params)
+
+    def _init_params(self, seed):
+        """GPT-2 initialization: weights N(0, 0.02), the residual projections scaled by
+        1/sqrt(2 n_layers), biases 0, LayerNorm weights 1. Drawn from NumPy's generator
+        in float64 and cast, so float32/float64 and CPU/GPU models start equal."""
+        rng = np.random.default_rng(seed)
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, shape in param_shapes(self.cfg).items():
+            if name.endswith("bias"):
+                value = np.zeros(shape)
+            elif ".ln_" in name or name.startswith("ln_f"):
+                value = np.ones(shape)
+            else:
+                std = resid_std if name.endswith("c_proj.weight") else 0.02
+                value = rng.normal(0.0, std, size=shape)
+            self.params[name] = self._to_model(value)
+
+    def _to_model(self, array):
+        return backend.to_device(np.asarray(array), self.device, self.dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype="float32", device=None, **download_kwargs):
+        """Load GPT-2 weights from a preset name (downloaded and cached), a
+        model.safetensors file, or a folder holding model.safetensors + config.json."""
+        from .weights import load_pretrained
+
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **download_kwargs)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def train(self):
+        """Dropout on (when drop_rate > 0)."""
+        self.training = True
+        return self
+
+    def eval(self):
+        """Dropout off."""
+        self.training = False
+        return self
+
+    @property
+    def n_out(self):
+        """Width of the logits: the vocabulary, or the classes after replace_head."""
+        w = self.params.get("out_head.weight")
+        return self.cfg.vocab_size if w is None else w.shape[1]
+
+    def num_params(self, trainable_only=False):
+        names = self.trainable if trainable_only else self.params
+        return int(sum(self.params[n].size for n in names))
+
+    def summary(self):
+        """Multi-line text: total, trainable and frozen parameter counts (as the book prints)."""
+        total, trainable = self.num_params(), self.num_params(trainable_only=True)
+        return (f"Total parameters:     {total:>13,}\n"
+                f"Trainable parameters: {trainable:>13,}\n"
+                f"Frozen parameters:    {total - trainable:>13,}")
+
+    def replace_head(self, num_classes, seed=123):
+        """Replace the tied LM head with a classifier Linear(emb_dim, num_classes) with bias.
+
+        Initialized as torch's nn.Linear does: weight and bias uniform in
+        +-1/sqrt(emb_dim). The new parameters are trainable like every other one
+        (apply_lora then freezes them, as the book does).
+        """
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(self.cfg.emb_dim)
+        self.params["out_head.weight"] = self._to_model(rng.uniform(-bound, bound, (self.cfg.emb_dim, num_classes)))
+        self.params["out_head.bias"] = self._to_model(rng.uniform(-bound, bound, (num_classes,)))
+        for name in ("out_head.weight", "out_head.bias"):
+            if name not in self.trainable:
+                self.trainable.append(name)
+        return self
+
+    def freeze(self, names=None):
+        """Stop training the given parameter names (all when None)."""
+        drop = set(self.params if names is None else names)
+        self.trainable = [n for n in self.trainable if n not in drop]
+
+    # ------------------------------------------------------------------ input checks
+
+    def check_idx(self, idx):
+        """Validate token ids on the host and return them as an int64 array on the
+        model's device. CuPy would silently wrap an out-of-range id, so this is the
+        one place that stands between a bad id and a wrong answer."""
+        host = backend.to_numpy(idx)
+        if host.dtype.kind not in "iu":
+            raise TypeError(f"token ids must be an integer array, got dtype {host.dtype}")
+        if host.ndim != 2:
+            raise ValueError(f"token ids must have shape (batch, time), got shape {host.shape}")
+        B, T = host.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"token ids must be non-empty, got shape {host.shape}")
+        if T > self.cfg.context_length:
+            raise ValueError(f"sequence length {T} exceeds the context length {self.cfg.context_length}")
+        lo, hi = int(host.min()), int(host.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return backend.to_device(host.astype(np.int64, copy=False), self.device)
+
+    # ------------------------------------------------------------------ linears (+ LoRA)
+
+    def _linear_forward(self, name, x):
+        """x @ W + b for the linear `name`, plus every active LoRA adapter on it."""
+        p = self.params
+        y, cache = linear_forward(x, p[name + ".weight"], p.get(name + ".bias"))
+        adapters = self.lora.active(name) if self.lora is not None else ()
+        lora_caches = []
+        for ad in adapters:
+            delta, c = lora_forward(x, p[ad.prefix + ".lora_A"], p[ad.prefix + ".lora_B"], ad.scale,
+                                    self.lora.dropout, self._rng())
+            y[..., ad.cols] += delta
+            lora_caches.append((ad, c))
+        return y, (cache, lora_caches)
+
+    def _linear_backward(self, name, dout, cache, grads):
+        """dx for the linear `name`; its weight/bias/LoRA gradients go into `grads`."""
+        base_cache, lora_caches = cache
+        train = self._trainable_set
+        dx, dw, db = linear_backward(dout, base_cache, need_dw=name + ".weight" in train,
+                                     need_db=name + ".bias" in train and name + ".bias" in self.params)
+        self._accumulate(grads, name + ".weight", dw)
+        self._accumulate(grads, name + ".bias", db)
+        for ad, c in lora_caches:
+            dx_lora, dA, dB = lora_backward(dout[..., ad.cols], c)
+            dx += dx_lora
+            self._accumulate(grads, ad.prefix + ".lora_A", dA)
+            self._accumulate(grads, ad.prefix + ".lora_B", dB)
+        return dx
+
+    @staticmethod
+    def _accumulate(grads, name, g):
+        if g is not None:
+            grads[name] = grads[name] + g if name in grads else g
+
+    def _rng(self):
+        """The dropout generator while training with dropout, else None (dropout off)."""
+        return self._dropout_rng if self.training else None
+
+    # ------------------------------------------------------------------ forward / backward
+
+    def forward(self, idx, keep_cache=True):
+        """Logits (B, T, n_out) for token ids idx (B, T).
+
+        keep_cache=False skips keeping the activations backward needs (evaluation).
+        """
+        idx = self.check_idx(idx)
+        cfg, p = self.cfg, self.params
+        drop = cfg.drop_rate if self.training else 0.0
+        rng = self._rng()
+        x, c_emb = embedding_forward(idx, p["wte.weight"], p["wpe.weight"])  # [B, T, C]
+        x, c_drop = dropout_forward(x, drop, rng)
+        blocks = []
+        for i in range(cfg.n_layers):
+            h = f"h.{i}."
+            a, c_ln1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], LN_EPS)
+            a, c_qkv = self._linear_forward(h + "attn.c_attn", a)  # [B, T, 3C]
+            a, c_att = attention_forward(a, cfg.n_heads, drop, rng)  # [B, T, C]
+            a, c_proj = self._linear_forward(h + "attn.c_proj", a)
+            a, c_drop1 = dropout_forward(a, drop, rng)
+            x = x + a  # residual
+            m, c_ln2 = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], LN_EPS)
+            m, c_fc = self._linear_forward(h + "mlp.c_fc", m)  # [B, T, 4C]
+            m, c_gelu = gelu_forward(m)
+            m, c_mproj = self._linear_forward(h + "mlp.c_proj", m)  # [B, T, C]
+            m, c_drop2 = dropout_forward(m, drop, rng)
+            x = x + m  # residual
+            blocks.append((c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2))
+        x, c_lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], LN_EPS)
+        if "out_head.weight" in p:
+            logits, c_head = self._linear_forward("out_head", x)  # [B, T, n_classes]
+        else:
+            logits, c_head = linear_forward(x, p["wte.weight"].T)  # tied LM head: [B, T, V]
+        self._cache = (c_emb, c_drop, blocks, c_lnf, c_head) if keep_cache else None
+        return logits
+
+    __call__ = forward
+
+    def backward(self, dlogits):
+        """Gradients (dict name -> array) of every trainable parameter, given dL/dlogits."""
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward(idx) with keep_cache=True first")
+        if self.lora is not None and self.lora.merged and set(self.lora.param_names) & set(self.trainable):
+            raise RuntimeError("LoRA adapters are merged into the weights: unmerge_lora(model) before training")
+        c_emb, c_drop, blocks, c_lnf, c_head = self._cache
+        p, grads = self.params, {}
+        self._trainable_set = train = set(self.trainable)
+        if "out_head.weight" in p:
+            dx = self._linear_backward("out_head", dlogits, c_head, grads)
+        else:
+            # tied head: logits = x @ wte^T, so wte's gradient is the transpose of dW
+            dx, dwT, _ = linear_backward(dlogits, c_head, need_dw="wte.weight" in train, need_db=False)
+            self._accumulate(grads, "wte.weight", None if dwT is None else dwT.T)
+        dx, dw, db = layernorm_backward(dx, c_lnf)
+        self._accumulate_pair(grads, "ln_f.", dw, db)
+        for i in reversed(range(self.cfg.n_layers)):
+            h = f"h.{i}."
+            c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2 = blocks[i]
+            # x = x + m: the residual passes dx straight through and into the MLP branch
+            (dm,) = dropout_backward(dx, c_drop2)
+            dm = self._linear_backward(h + "mlp.c_proj", dm, c_mproj, grads)
+            (dm,) = gelu_backward(dm, c_gelu)
+            dm = self._linear_backward(h + "mlp.c_fc", dm, c_fc, grads)
+            dm, dw, db = layernorm_backward(dm, c_ln2)
+            self._accumulate_pair(grads, h + "ln_2.", dw, db)
+            dx = dx + dm
+            # x = x + a: likewise for the attention branch
+            (da,) = dropout_backward(dx, c_drop1)
+            da = self._linear_backward(h + "attn.c_proj", da, c_proj, grads)
+            (da,) = attention_backward(da, c_att)
+            da = self._linear_backward(h + "attn.c_attn", da, c_qkv, grads)
+            da, dw, db = layernorm_backward(da, c_ln1)
+            self._accumulate_pair(grads, h + "ln_1.", dw, db)
+            dx = dx + da
+        if "wte.weight" in train or "wpe.weight" in train:  # frozen embeddings: no scatter-add
+            (dx,) = dropout_backward(dx, c_drop)
+            dwte, dwpe = embedding_backward(dx, c_emb)
+            if "wte.weight" in train:
+                self._accumulate(grads, "wte.weight", dwte)
+            if "wpe.weight" in train:
+                self._accumulate(grads, "wpe.weight", dwpe)
+        return {n: grads[n] for n in self.trainable if n in grads}
+
+    def _accumulate_pair(self, grads, prefix, dw, db):
+        """Add a weight/bias gradient pair (layernorm) for the trainable ones."""
+        if prefix + "weight" in self._trainable_set:
+            self._accumulate(grads, prefix + "weight", dw)
+        if prefix + "bias" in self._trainable_set:
+            self._accumulate(grads, prefix + "bias", db)
