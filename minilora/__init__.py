@@ -5,6 +5,7 @@
     ml.apply_lora(model, rank=16, alpha=16)
 """
 
+from .adapters import AdapterError, load_adapter, save_adapter
 from .backend import cuda_available, to_numpy
 from .lora import (
     apply_lora,
@@ -15,5 +16,6 @@ from .lora import (
     unmerge_lora,
 )
 from .model import PRESETS, GPTConfig, GPTModel
+from .optim import AdamW, clip_grad_norm, constant_schedule, warmup_cosine_schedule
 
 __version__ = "0.1.0"

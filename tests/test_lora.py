@@ -1,0 +1,253 @@
+"""LoRA: counts, init, gradients, scaling, targets, the adapter life cycle, save/load."""
+
+import numpy as np
+import pytest
+
+import minilora as ml
+from minilora.adapters import AdapterError, load_adapter, save_adapter
+from minilora.backend import to_numpy
+from minilora.gradcheck import MODEL_TOL, check_model
+from minilora.layers import cross_entropy_backward, cross_entropy_forward
+
+
+def lora_model(cfg, device="cpu", dtype="float64", classes=3, **kw):
+    model = ml.GPTModel(cfg, seed=0, dtype=dtype, device=device)
+    if classes:
+        model.replace_head(classes)
+    return ml.apply_lora(model, **{"rank": 2, "alpha": 3, **kw})
+
+
+def randomize_B(model, seed=1, scale=0.5):
+    rng = np.random.default_rng(seed)
+    for n in model.lora.param_names:
+        if n.endswith("lora_B"):
+            model.params[n][...] = model.xp.asarray(rng.standard_normal(model.params[n].shape) * scale)
+
+
+def test_appendix_e_counts():
+    """GPT-2 small + 2-class head + rank-16 LoRA on every linear: 2,666,528 trainable."""
+    model = ml.GPTModel(ml.GPTConfig.from_preset("gpt2-small"), init=False)
+    model.replace_head(2)
+    ml.apply_lora(model, rank=16, alpha=16, targets="all")
+    assert model.num_params(trainable_only=True) == 2_666_528
+    assert len(model.lora.adapters) == 12 * 6 + 1
+    assert model.params["h.3.attn.c_attn.k.lora_A"].shape == (768, 16)
+    assert model.params["h.3.mlp.c_fc.lora_B"].shape == (16, 3072)
+    assert model.params["out_head.lora_B"].shape == (16, 2)
+    assert "Trainable parameters:     2,666,528" in model.summary()
+
+
+def test_every_base_parameter_is_frozen(tiny_cfg):
+    model = lora_model(tiny_cfg)
+    assert set(model.trainable) == set(model.lora.param_names)
+    assert all(n.endswith((".lora_A", ".lora_B")) for n in model.trainable)
+    assert "out_head.weight" not in model.trainable
+
+
+def test_init_bounds_zero_B_and_no_op_at_init(device, tiny_cfg, tiny_idx):
+    base = ml.GPTModel(tiny_cfg, seed=0, dtype="float64", device=device).replace_head(3)
+    expected = to_numpy(base.forward(tiny_idx))
+    model = ml.apply_lora(base, rank=4, alpha=8)
+    for n in model.lora.param_names:
+        p = to_numpy(model.params[n])
+        if n.endswith("lora_A"):
+            assert np.abs(p).max() <= 1 / np.sqrt(4) and np.abs(p).max() > 0.4  # uniform in +-1/2
+        else:
+            assert not p.any()
+    np.testing.assert_array_equal(to_numpy(model.forward(tiny_idx)), expected)
+
+
+def test_same_seed_same_adapters(tiny_cfg):
+    a, b = lora_model(tiny_cfg, seed=7), lora_model(tiny_cfg, seed=7)
+    c = lora_model(tiny_cfg, seed=8)
+    assert all(np.array_equal(a.params[n], b.params[n]) for n in a.trainable)
+    assert not np.array_equal(a.params["h.0.mlp.c_fc.lora_A"], c.params["h.0.mlp.c_fc.lora_A"])
+
+
+@pytest.mark.parametrize("targets", ["all", "attention", ["c_fc", "out_head"]])
+def test_lora_gradients_match_finite_differences(device, tiny_cfg, tiny_idx, targets):
+    model = lora_model(tiny_cfg, device=device, targets=targets)
+    randomize_B(model)
+    r = check_model(model, tiny_idx, "gpt2_lora")
+    assert set(r.errors) == set(model.lora.param_names)
+    assert r.max_rel_error < MODEL_TOL, r.errors
+
+
+def test_lora_dropout_gradients(tiny_cfg, tiny_idx):
+    """With LoRA dropout, a fixed mask (same generator state) gives exact gradients."""
+    model = lora_model(tiny_cfg, dropout=0.3)
+    randomize_B(model)
+    G = np.random.default_rng(0).standard_normal((2, 5, 3))
+
+    def loss():
+        model._dropout_rng = np.random.default_rng(5)
+        return float((model.forward(tiny_idx) * G).sum())
+
+    loss()
+    grads = model.backward(G)
+    from minilora.gradcheck import numerical_gradient, rel_error
+
+    for n in ["h.0.attn.c_attn.q.lora_A", "h.1.mlp.c_proj.lora_B"]:
+        assert rel_error(grads[n], numerical_gradient(loss, model.params[n])) < 1e-7
+    model.eval()  # no dropout at evaluation: deterministic
+    np.testing.assert_array_equal(model.forward(tiny_idx), model.forward(tiny_idx))
+
+
+def test_with_B_zero_dA_is_zero_and_first_step_moves_only_B(tiny_cfg, tiny_idx):
+    model = lora_model(tiny_cfg)
+    logits = model.forward(tiny_idx)
+    loss, cache = cross_entropy_forward(logits[:, -1, :], np.array([0, 2]))
+    dlast = cross_entropy_backward(1.0, cache)[0]
+    dlogits = np.zeros_like(logits)
+    dlogits[:, -1, :] = dlast
+    grads = model.backward(dlogits)
+    for n, g in grads.items():
+        if n.endswith("lora_A"):
+            assert not g.any(), n  # dA = s x^T (dy B^T) = 0 while B = 0
+    assert any(grads[n].any() for n in grads if n.endswith("lora_B"))
+    before = {n: model.params[n].copy() for n in model.trainable}
+    ml.AdamW(model, lr=1e-2, weight_decay=0.0).step(grads)
+    for n in model.trainable:
+        moved = not np.array_equal(before[n], model.params[n])
+        assert moved == n.endswith("lora_B") or not model.params[n].any(), n
+
+
+@pytest.mark.parametrize("scaling, expected", [("alpha_over_r", 8 / 4), ("alpha", 8.0), ("rslora", 8 / 2)])
+def test_scaling_conventions(tiny_cfg, tiny_idx, scaling, expected):
+    """The adapter adds exactly s * (x A) B: checked on the head with B = identity-like."""
+    model = lora_model(tiny_cfg, rank=4, alpha=8, scaling=scaling, targets=["out_head"])
+    assert model.lora.scale == pytest.approx(expected)
+    base = model.forward(tiny_idx).copy()
+    B = np.random.default_rng(0).standard_normal((4, 3))
+    model.params["out_head.lora_B"][...] = B
+    x = model._cache[-1][0][0]  # the head linear cache (x, w): its input x
+    np.testing.assert_allclose(model.forward(tiny_idx) - base, expected * (x @ model.params["out_head.lora_A"]) @ B,
+                               rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match="scaling"):
+        ml.apply_lora(ml.GPTModel(tiny_cfg), scaling="alpha_squared")
+
+
+def test_targets_and_layers(tiny_cfg):
+    m = lora_model(tiny_cfg, targets="attention")
+    assert m.lora.targets == ["h.0.attn.c_attn.q", "h.0.attn.c_attn.v", "h.1.attn.c_attn.q", "h.1.attn.c_attn.v"]
+    m = lora_model(tiny_cfg, targets=["h.*.mlp.c_fc", "c_attn.k"], layers=[1])
+    assert m.lora.targets == ["h.1.attn.c_attn.k", "h.1.mlp.c_fc"]
+    m = lora_model(tiny_cfg, classes=0)
+    assert "out_head" not in m.lora.targets and len(m.lora.targets) == 12
+    with pytest.raises(ValueError, match="matches no linear"):
+        lora_model(tiny_cfg, targets=["c_nope"])
+    with pytest.raises(ValueError, match="out of range"):
+        lora_model(tiny_cfg, layers=[5])
+    with pytest.raises(ValueError, match="already has LoRA"):
+        ml.apply_lora(m)
+
+
+def _trained_adapter_model(cfg, device="cpu", dtype="float32"):
+    model = lora_model(cfg, device=device, dtype=dtype)
+    randomize_B(model, scale=0.3)
+    return model
+
+
+def test_merge_unmerge_enable_disable_remove(device, tiny_cfg, tiny_idx):
+    model = _trained_adapter_model(tiny_cfg, device=device)
+    base_w = to_numpy(model.params["h.0.attn.c_attn.weight"]).copy()
+    adapted = to_numpy(model.forward(tiny_idx))
+    ml.disable_lora(model)
+    base_out = to_numpy(model.forward(tiny_idx))
+    assert np.abs(base_out - adapted).max() > 1e-3
+    ml.enable_lora(model)
+    np.testing.assert_array_equal(to_numpy(model.forward(tiny_idx)), adapted)
+
+    ml.merge_lora(model)
+    merged = to_numpy(model.forward(tiny_idx))
+    merge_err = np.abs(merged - adapted).max()
+    assert merge_err < 1e-5, merge_err  # float32 rounding of W + s A B
+    with pytest.raises(RuntimeError, match="unmerge"):
+        model.backward(model.xp.ones_like(model.forward(tiny_idx)))
+    ml.unmerge_lora(model)
+    assert np.abs(to_numpy(model.params["h.0.attn.c_attn.weight"]) - base_w).max() < 1e-6
+    np.testing.assert_allclose(to_numpy(model.forward(tiny_idx)), adapted, atol=1e-5)
+
+    ml.remove_lora(model)
+    assert model.lora is None and not any("lora" in n for n in model.params)
+    np.testing.assert_allclose(to_numpy(model.forward(tiny_idx)), base_out, atol=1e-5)
+    assert set(model.trainable) == set(model.params)  # back to what was trainable before
+
+
+def test_merge_is_exact_in_float64(tiny_cfg, tiny_idx):
+    model = _trained_adapter_model(tiny_cfg, dtype="float64")
+    adapted = model.forward(tiny_idx)
+    ml.merge_lora(model)
+    np.testing.assert_allclose(model.forward(tiny_idx), adapted, rtol=1e-12, atol=1e-13)
+
+
+def test_save_load_round_trip(tmp_path, tiny_cfg, tiny_idx):
+    model = _trained_adapter_model(tiny_cfg)
+    expected = model.forward(tiny_idx)
+    save_adapter(model, tmp_path / "adapter", base_model="tiny")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    fresh = ml.GPTModel(tiny_cfg, seed=0, dtype="float32")  # same base, no head yet
+    config = load_adapter(fresh, tmp_path / "adapter")
+    assert config["rank"] == 2 and config["base_model"] == "tiny" and config["num_classes"] == 3
+    np.testing.assert_array_equal(fresh.forward(tiny_idx), expected)
+    assert fresh.trainable == model.trainable
+
+
+def test_loading_into_the_wrong_model_fails_and_changes_nothing(tmp_path, tiny_cfg):
+    from dataclasses import replace
+
+    save_adapter(_trained_adapter_model(tiny_cfg), tmp_path / "a")
+    other = ml.GPTModel(replace(tiny_cfg, emb_dim=12), seed=0)
+    before = {n: p.copy() for n, p in other.params.items()}
+    with pytest.raises(AdapterError, match="emb_dim: adapter was trained on 8, model has 12"):
+        load_adapter(other, tmp_path / "a")
+    assert other.lora is None and set(other.params) == set(before)
+    assert all(np.array_equal(other.params[n], before[n]) for n in before)
+
+    two_class = ml.GPTModel(tiny_cfg, seed=0).replace_head(2)
+    with pytest.raises(AdapterError, match="3 classes, model has 2"):
+        load_adapter(two_class, tmp_path / "a")
+    assert two_class.lora is None and "out_head.lora_A" not in two_class.params
+
+
+def test_corrupt_adapters_are_clear_errors(tmp_path, tiny_cfg):
+    from safetensors.numpy import load_file, save_file
+
+    folder = save_adapter(_trained_adapter_model(tiny_cfg), tmp_path / "a")
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    tensors["h.0.mlp.c_fc.lora_A"] = np.zeros((8, 5), dtype=np.float32)
+    del tensors["h.1.mlp.c_proj.lora_B"]
+    save_file(tensors, str(folder / "adapter.safetensors"))
+    with pytest.raises(AdapterError) as e:
+        load_adapter(ml.GPTModel(tiny_cfg), folder)
+    assert "missing tensor h.1.mlp.c_proj.lora_B" in str(e.value)
+    assert "h.0.mlp.c_fc.lora_A: shape (8, 5) in the adapter, (8, 2) in the model" in str(e.value)
+    (folder / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError, match="not a readable safetensors"):
+        load_adapter(ml.GPTModel(tiny_cfg), folder)
+    with pytest.raises(AdapterError, match="missing"):
+        load_adapter(ml.GPTModel(tiny_cfg), tmp_path / "nowhere")
+
+
+def test_lora_training_on_a_toy_task_leaves_the_base_untouched(device, tiny_cfg):
+    """Classify whether token 7 occurs in a sequence: the loss falls, base bits stay."""
+    rng = np.random.default_rng(0)
+    model = ml.GPTModel(tiny_cfg, seed=0, dtype="float32", device=device).replace_head(2)
+    ml.apply_lora(model, rank=4, alpha=4)
+    base = {n: to_numpy(p).copy() for n, p in model.params.items() if "lora" not in n}
+    opt = ml.AdamW(model, lr=2e-2, weight_decay=0.0)
+    idx = rng.integers(0, 7, size=(32, 6))
+    labels = rng.integers(0, 2, size=32)
+    idx[labels == 1, rng.integers(0, 6, size=int(labels.sum()))] = 7
+    labels_dev = model.xp.asarray(labels)
+    losses = []
+    for _ in range(60):
+        logits = model.forward(idx)
+        loss, cache = cross_entropy_forward(logits[:, -1, :], labels_dev)
+        dlogits = model.xp.zeros_like(logits)
+        dlogits[:, -1, :] = cross_entropy_backward(1.0, cache)[0]
+        opt.step(model.backward(dlogits))
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+    for n, p in base.items():
+        np.testing.assert_array_equal(to_numpy(model.params[n]), p, err_msg=n)
