@@ -230,6 +230,16 @@ class GPTModel:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
         return backend.to_device(host.astype(np.int64, copy=False), self.device)
 
+    def _check_positions(self, positions, shape):
+        """(batch rows, positions) index arrays for x[rows], from positions (B,) in [0, T)."""
+        B, T = shape
+        pos = backend.to_numpy(positions)
+        if pos.dtype.kind not in "iu" or pos.shape != (B,):
+            raise ValueError(f"positions must be an integer array of shape ({B},), got {pos.dtype} {pos.shape}")
+        if pos.min() < 0 or pos.max() >= T:
+            raise ValueError(f"positions must lie in [0, {T}), got {pos.min()}..{pos.max()}")
+        return (self.xp.arange(B), backend.to_device(pos.astype(np.int64), self.device))
+
     # ------------------------------------------------------------------ linears (+ LoRA)
 
     def _linear_forward(self, name, x):
@@ -271,12 +281,16 @@ class GPTModel:
 
     # ------------------------------------------------------------------ forward / backward
 
-    def forward(self, idx, keep_cache=True):
+    def forward(self, idx, keep_cache=True, positions=None):
         """Logits (B, T, n_out) for token ids idx (B, T).
 
+        positions: optional int (B,): one position per sequence (e.g. the last token a
+            classifier reads); then the final layernorm and the head run on those rows
+            alone and the logits are (B, n_out). backward then takes dlogits (B, n_out).
         keep_cache=False skips keeping the activations backward needs (evaluation).
         """
         idx = self.check_idx(idx)
+        rows = None if positions is None else self._check_positions(positions, idx.shape)
         cfg, p = self.cfg, self.params
         drop = cfg.drop_rate if self.training else 0.0
         rng = self._rng()
@@ -298,12 +312,14 @@ class GPTModel:
             m, c_drop2 = dropout_forward(m, drop, rng)
             x = x + m  # residual
             blocks.append((c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2))
+        if rows is not None:
+            x = x[rows]  # [B, T, C] -> [B, C]: only where the loss reads
         x, c_lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], LN_EPS)
         if "out_head.weight" in p:
             logits, c_head = self._linear_forward("out_head", x)  # [B, T, n_classes]
         else:
             logits, c_head = linear_forward(x, p["wte.weight"].T)  # tied LM head: [B, T, V]
-        self._cache = (c_emb, c_drop, blocks, c_lnf, c_head) if keep_cache else None
+        self._cache = (c_emb, c_drop, blocks, rows, c_lnf, c_head) if keep_cache else None
         return logits
 
     __call__ = forward
@@ -314,7 +330,7 @@ class GPTModel:
             raise RuntimeError("backward() needs a forward(idx) with keep_cache=True first")
         if self.lora is not None and self.lora.merged and set(self.lora.param_names) & set(self.trainable):
             raise RuntimeError("LoRA adapters are merged into the weights: unmerge_lora(model) before training")
-        c_emb, c_drop, blocks, c_lnf, c_head = self._cache
+        c_emb, c_drop, blocks, rows, c_lnf, c_head = self._cache
         p, grads = self.params, {}
         self._trainable_set = train = set(self.trainable)
         if "out_head.weight" in p:
@@ -325,6 +341,9 @@ class GPTModel:
             self._accumulate(grads, "wte.weight", None if dwT is None else dwT.T)
         dx, dw, db = layernorm_backward(dx, c_lnf)
         self._accumulate_pair(grads, "ln_f.", dw, db)
+        if rows is not None:  # only the selected rows received gradient
+            dx_rows, dx = dx, self.xp.zeros(c_emb[0].shape + (self.cfg.emb_dim,), dtype=dx.dtype)
+            dx[rows] = dx_rows
         for i in reversed(range(self.cfg.n_layers)):
             h = f"h.{i}."
             c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2 = blocks[i]

@@ -69,6 +69,7 @@ class AdamW:
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.max_grad_norm = max_grad_norm
         self.step_count = 0
+        self.last_lr = None  # the learning rate of the latest step
         self.m, self.v = {}, {}  # first and second moments, per parameter name
 
     @property
@@ -89,7 +90,7 @@ class AdamW:
         norm = clip_grad_norm(grads, self.max_grad_norm) if self.max_grad_norm else None
         self.step_count += 1
         t = self.step_count
-        lr = self.schedule(t)
+        lr = self.last_lr = self.schedule(t)
         b1, b2 = self.betas
         step_size = lr / (1.0 - b1 ** t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** t)

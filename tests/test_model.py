@@ -142,3 +142,24 @@ def test_gpt2_small_with_two_class_head_has_124_441_346_parameters():
     assert model.n_out == 2
     logits = model.forward(np.array([[6109, 3626, 6100, 345]]), keep_cache=False)
     assert logits.shape == (1, 4, 2) and logits.dtype == np.float32
+
+
+def test_positions_select_rows_and_keep_exact_gradients(device, tiny_cfg, tiny_idx):
+    """forward(idx, positions=p) equals the full logits at p; its gradients are exact."""
+    from minilora.gradcheck import numerical_gradient, rel_error
+
+    model = ml.GPTModel(tiny_cfg, seed=1, dtype="float64", device=device).replace_head(3)
+    positions = np.array([4, 2])
+    full = to_numpy(model.forward(tiny_idx))
+    picked = to_numpy(model.forward(tiny_idx, positions=positions))
+    np.testing.assert_allclose(picked, full[[0, 1], positions], rtol=1e-13, atol=1e-14)
+    G = model.xp.asarray(np.random.default_rng(0).standard_normal((2, 3)))
+    grads = model.backward(G)
+
+    def loss():
+        return float((model.forward(tiny_idx, keep_cache=False, positions=positions) * G).sum())
+
+    for n in ["wte.weight", "h.0.attn.c_attn.weight", "ln_f.weight", "out_head.bias"]:
+        assert rel_error(grads[n], numerical_gradient(loss, model.params[n])) < 1e-7, n
+    with pytest.raises(ValueError, match="positions"):
+        model.forward(tiny_idx, positions=np.array([5, 0]))
