@@ -97,7 +97,8 @@ def fetch_bytes(url, *, timeout=DEFAULT_TIMEOUT, offline=False):
     MINILORA_OFFLINE=1), without touching the network.
     """
     if offline or is_offline():
-        raise DownloadError(f"cannot fetch {url}: offline mode (MINILORA_OFFLINE=1 or offline=True)")
+        raise DownloadError(f"cannot fetch {url}: offline mode "
+                            f"(MINILORA_OFFLINE=1 or offline=True)")
     try:
         with _open(url, timeout) as response:
             body = response.read()
@@ -132,11 +133,12 @@ def download(url, dest, *, expected_size=None, sha256=None, offline=False, progr
         if problem is None:
             return dest
         if offline:
-            raise DownloadError(f"{dest} exists but {problem}, and offline mode forbids downloading "
-                                f"it again. {_by_hand_hint(url, dest, sha256)}")
+            raise DownloadError(f"{dest} exists but {problem}, and offline mode forbids "
+                                f"downloading it again. {_by_hand_hint(url, dest, sha256)}")
     elif offline:
         raise DownloadError(f"{dest} is not there and offline mode (MINILORA_OFFLINE=1 or "
-                            f"offline=True) forbids downloading it. {_by_hand_hint(url, dest, sha256)}")
+                            f"offline=True) forbids downloading it. "
+                            f"{_by_hand_hint(url, dest, sha256)}")
     if progress is None:
         progress = sys.stderr.isatty()
 
@@ -162,14 +164,11 @@ def download(url, dest, *, expected_size=None, sha256=None, offline=False, progr
         if problem is not None:
             raise _error(url, dest, f"the downloaded file is corrupt: {problem}", sha256)
         os.replace(tmp, dest)
-    except DownloadError:
+    except BaseException as exc:  # KeyboardInterrupt too: never leave a partial file behind
         tmp.unlink(missing_ok=True)
-        raise
-    except _REQUEST_ERRORS as exc:  # HTTP errors, refused connections, timeouts, full disk
-        tmp.unlink(missing_ok=True)
-        raise _error(url, dest, _reason(exc), sha256) from exc
-    except BaseException:  # KeyboardInterrupt and friends: clean up, then let it propagate
-        tmp.unlink(missing_ok=True)
+        # HTTP errors, refused connections, timeouts, a full disk: say what and where.
+        if isinstance(exc, _REQUEST_ERRORS):
+            raise _error(url, dest, _reason(exc), sha256) from exc
         raise
     return dest
 

@@ -62,11 +62,12 @@ def cache_file_name(url):
 
 
 def _where_to_put_files(folder):
-    names = " and ".join(f"{name} ({url})" for name, (url, _) in TOKENIZER_FILES.items())
-    return (f"Get {names} on a machine with internet and either call "
+    files = TOKENIZER_FILES.items()
+    sources = " and ".join(f"{name} ({url})" for name, (url, _) in files)
+    cache_names = " and ".join(f"{cache_file_name(url)} ({name})" for name, (url, _) in files)
+    return (f"Get {sources} on a machine with internet and either call "
             f"minilora.tokenizer.seed_tiktoken_cache(folder) or get_tokenizer(folder), or copy "
-            f"them into {folder} under the names "
-            + " and ".join(f"{cache_file_name(url)} ({name})" for name, (url, _) in TOKENIZER_FILES.items()))
+            f"them into {folder} under the names {cache_names}")
 
 
 def seed_tiktoken_cache(folder, cache_dir=None):
@@ -136,7 +137,9 @@ def get_tokenizer(path=None, *, offline=None, progress=None):
             download(url, folder / cache_file_name(url), sha256=sha256, offline=offline,
                      progress=progress)
         except DownloadError as exc:
-            raise TokenizerError(f"GPT-2's tokenizer file {name} is not available: {exc}\n"
+            reason = "offline mode (MINILORA_OFFLINE=1 or offline=True)" if offline else str(exc)
+            raise TokenizerError(f"GPT-2's tokenizer file {name} is not in tiktoken's cache "
+                                 f"{folder} and cannot be downloaded: {reason}\n"
                                  f"{_where_to_put_files(folder)}.") from exc
     # tiktoken verifies the sha256 of both cached files and keeps the Encoding for
     # the rest of the process.

@@ -1,0 +1,443 @@
+"""Text-classification data: the SMS Spam Collection as the book prepares it, or your own file.
+
+The pipeline of the book's chapter 6 / appendix E ("Build a Large Language Model
+(From Scratch)", Raschka: ch06 `download_and_unzip_spam_data`,
+`create_balanced_dataset`, `random_split`, `SpamDataset`, `DataLoader`), without
+PyTorch:
+
+1. download the zip from UCI and extract SMSSpamCollection into
+   $MINILORA_HOME/sms_spam/ (both steps atomic; an existing file is used as is);
+2. parse it with ``pd.read_csv(sep="\\t", header=None)``: 5,572 rows (4,825 ham,
+   747 spam; pandas' quote handling merges a few of the 5,574 lines, exactly as in
+   the book);
+3. balance: sample 747 ham (random_state=123) and keep all 747 spam; ham -> 0, spam -> 1;
+4. shuffle (frac=1, random_state=123) and split 70/10/20 -> 1,045 / 149 / 300;
+5. encode with GPT-2 BPE; pad with <|endoftext|> (50256) to the longest training
+   text (120 tokens), truncating validation/test texts to that length;
+6. batches of 8; the training batches are shuffled and the last incomplete one is
+   dropped -> 130 / 19 / 38 batches.
+
+A batch is three NumPy int64 arrays: token ids (B, T), labels (B,) and the
+position of each text's last real token (B,). The book classifies from position
+-1, which for a padded text is a pad token; `last_index` lets a model classify
+from the last real token instead.
+
+`load_text_label_file` takes the same path from step 4 on for a CSV/TSV file of
+``text,label`` rows with any number of classes.
+
+Data: Almeida & Gomez Hidalgo, "Contributions to the Study of SMS Spam
+Filtering" (2011); UCI Machine Learning Repository, CC BY 4.0.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .cache import cache_dir, is_offline
+from .download import DownloadError, download
+from .tokenizer import END_OF_TEXT_ID, get_tokenizer
+
+SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
+SMS_SPAM_FILE = "SMSSpamCollection"
+SMS_SPAM_ZIP = "sms+spam+collection.zip"
+SMS_CLASS_NAMES = ("ham", "spam")  # label ids 0 and 1, as in the book
+PAD_MODES = ("dataset", "longest_in_batch")
+
+
+class DataError(RuntimeError):
+    """A data file is missing, cannot be downloaded, or is not in the expected format."""
+
+
+# ----------------------------------------------------------------------------- SMS Spam Collection
+
+
+def download_sms_spam(url=SMS_SPAM_URL, *, folder=None, offline=None, progress=None):
+    """Return the path of SMSSpamCollection, downloading and extracting it if needed.
+
+    folder:   where it lives (default $MINILORA_HOME/sms_spam); a file already there
+              is used without any network access.
+    url:      the zip to download (UCI's by default; tests serve one locally).
+    offline:  never download (default: $MINILORA_OFFLINE).
+    progress: progress bar for the download (None: only on a terminal).
+    """
+    folder = Path(folder) if folder is not None else cache_dir("sms_spam")
+    path = folder / SMS_SPAM_FILE
+    if path.is_file():
+        return path
+    offline = is_offline() if offline is None else offline
+    zip_path = folder / SMS_SPAM_ZIP
+    try:
+        download(url, zip_path, offline=offline, progress=progress)
+    except DownloadError as exc:
+        raise DataError(f"the SMS Spam Collection is not in {folder} and cannot be downloaded: "
+                        f"{exc}\nAlternatively put the file {SMS_SPAM_FILE} from that zip at "
+                        f"{path}.") from exc
+    _extract_zip(zip_path, folder, required=SMS_SPAM_FILE, optional=("readme",))
+    zip_path.unlink()  # the extracted file is what we keep; the zip would only be stale
+    return path
+
+
+def _extract_zip(zip_path, folder, *, required, optional=()):
+    """Extract members (matched by base name, so a folder inside the zip is fine) atomically.
+
+    Only our own file names are written, so a malicious member path ("../x") cannot
+    escape `folder`. The required member is written last: its presence means done.
+    A damaged zip, or one without the required member, is deleted (so that the next
+    call downloads it again) together with whatever this call extracted from it.
+    """
+    written = []
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            members = {Path(m).name: m for m in archive.namelist() if not m.endswith("/")}
+            if required not in members:
+                raise DataError(f"{zip_path} holds no {required} (it holds {sorted(members)}); "
+                                f"it was deleted")
+            for name in [n for n in optional if n in members] + [required]:
+                fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
+                try:
+                    with os.fdopen(fd, "wb") as out, archive.open(members[name]) as src:
+                        shutil.copyfileobj(src, out)
+                    os.replace(tmp, folder / name)
+                    written.append(folder / name)
+                finally:
+                    Path(tmp).unlink(missing_ok=True)  # already renamed unless something failed
+    # A damaged archive fails at opening (BadZipFile), or while inflating a member
+    # (BadZipFile for a bad CRC, EOFError or zlib.error for a cut-off stream).
+    except (DataError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        for path in written + [zip_path]:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{zip_path} is not a valid zip file ({exc}); it was deleted, "
+                        f"try again") from exc
+
+
+def read_sms_spam(path):
+    """Parse SMSSpamCollection exactly as the book does: DataFrame with columns Label, Text.
+
+    Labels stay the strings "ham"/"spam" here (the book maps them after balancing).
+    """
+    path = Path(path)
+    df = _read_csv(path, sep="\t", header=None, names=["Label", "Text"])
+    labels = set(df["Label"].unique())
+    if not labels <= set(SMS_CLASS_NAMES) or df["Text"].isna().any() or len(labels) < 2:
+        found = sorted(map(str, labels))[:5]
+        raise DataError(f"{path} is not the SMS Spam Collection: expected tab-separated "
+                        f"'ham'/'spam' labels followed by a text, found labels {found}")
+    return df
+
+
+def create_balanced_dataset(df, random_state=123):
+    """The book's balancing: sample as many ham as there are spam, then all spam.
+
+    Returns a new DataFrame with Label mapped ham -> 0, spam -> 1 (int64).
+    """
+    num_spam = int((df["Label"] == "spam").sum())
+    ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=random_state)
+    balanced = pd.concat([ham_subset, df[df["Label"] == "spam"]])
+    balanced["Label"] = balanced["Label"].map({"ham": 0, "spam": 1}).astype(np.int64)
+    return balanced
+
+
+def random_split(df, train_frac=0.7, validation_frac=0.1, random_state=123):
+    """The book's split: shuffle all rows, then cut train / validation / the rest as test."""
+    df = df.sample(frac=1, random_state=random_state).reset_index(drop=True)
+    train_end = int(len(df) * train_frac)
+    validation_end = train_end + int(len(df) * validation_frac)
+    return df[:train_end], df[train_end:validation_end], df[validation_end:]
+
+
+# ----------------------------------------------------------------------------- your own data
+
+
+def read_text_label_file(path):
+    """Read a CSV (.csv) or TSV (.tsv/.tab/.txt with tabs) file of text,label rows.
+
+    A first row naming the columns `text` and `label` (any order, any case; other
+    columns are ignored) is a header; without one, each row must be exactly
+    `text,label`. Labels are any strings; they become ints 0..K-1 in sorted order
+    (numeric order when all of them are integers, so "10" comes after "9").
+
+    Returns (DataFrame with columns Text (str) and Label (int64), class_names tuple).
+    Raises DataError naming the file and the problem.
+    """
+    path = Path(path)
+    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    if path.suffix.lower() not in (".csv", ".tsv", ".tab") and path.is_file():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            sep = "\t" if "\t" in f.readline() else ","
+    # dtype=str and no NA parsing: a text "NA" or "null" is text, not a missing value.
+    raw = _read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False)
+    first = [str(v).strip().lower() for v in raw.iloc[0]]
+    if "text" in first and "label" in first:
+        columns = {"Text": first.index("text"), "Label": first.index("label")}
+        raw, first_line = raw.iloc[1:], 2
+    elif raw.shape[1] == 2:
+        columns, first_line = {"Text": 0, "Label": 1}, 1
+    else:
+        raise DataError(f"{path}: expected rows of text{sep!r}label (or a header row naming "
+                        f"'text' and 'label'), found {raw.shape[1]} columns in the first row")
+    df = pd.DataFrame({"Text": raw.iloc[:, columns["Text"]].to_numpy(dtype=object),
+                       "Label": raw.iloc[:, columns["Label"]].to_numpy(dtype=object)})
+    if df.empty:
+        raise DataError(f"{path} holds a header but no rows")
+    df["Label"] = df["Label"].map(lambda v: "" if pd.isna(v) else str(v).strip())
+    for column in ("Text", "Label"):
+        empty = df[column].map(lambda v: pd.isna(v) or str(v).strip() == "").to_numpy()
+        if empty.any():
+            rows = (np.flatnonzero(empty) + first_line)[:5].tolist()
+            raise DataError(f"{path}: empty {column.lower()} in row(s) {rows} "
+                            f"(counting the file's rows from 1)")
+    names = sorted(set(df["Label"]))
+    if all(re.fullmatch(r"[+-]?\d+", n) for n in names):
+        names = sorted(names, key=int)
+    if len(names) < 2:
+        raise DataError(f"{path}: a classifier needs at least 2 classes, found only {names}")
+    df["Label"] = df["Label"].map({n: i for i, n in enumerate(names)}).astype(np.int64)
+    df["Text"] = df["Text"].astype(str)
+    return df.reset_index(drop=True), tuple(names)
+
+
+def _read_csv(path, **kwargs):
+    """pd.read_csv, with every way it can fail turned into a DataError naming the file."""
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    if not path.is_file():
+        raise DataError(f"{path} is not a file")
+    try:
+        df = pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"{path} is empty") from exc
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path} is malformed: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc})") from exc
+    if df.empty:
+        raise DataError(f"{path} is empty")
+    return df
+
+
+# ----------------------------------------------------------------------------- tokenized splits
+
+
+@dataclass
+class Split:
+    """One split, tokenized: what the book's SpamDataset holds, minus the padding.
+
+    Padding happens per batch (`collate`), so one Split serves both padding modes.
+    """
+
+    name: str               # "train", "val" or "test"
+    texts: list             # the raw texts, N strings
+    labels: np.ndarray      # (N,) int64 class ids
+    token_ids: list         # N lists of GPT-2 ids, each truncated to max_length, not padded
+    max_length: int         # the length pad_to="dataset" pads every batch to
+    pad_token_id: int = END_OF_TEXT_ID
+
+    def __len__(self):
+        return len(self.texts)
+
+    @property
+    def lengths(self):
+        """(N,) int64: tokens per text after truncation (the pad-free lengths)."""
+        return np.array([len(ids) for ids in self.token_ids], dtype=np.int64)
+
+
+@dataclass
+class ClassificationData:
+    """Train / validation / test splits plus the class names (index = label id)."""
+
+    train: Split
+    val: Split
+    test: Split
+    class_names: tuple      # e.g. ("ham", "spam")
+    source: str             # the file the texts came from
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    @property
+    def max_length(self):
+        return self.train.max_length
+
+
+def encode_split(name, texts, labels, tokenizer, *, max_length=None, pad_token_id=END_OF_TEXT_ID):
+    """Tokenize texts like the book's SpamDataset: max_length None means the longest text.
+
+    encode_ordinary gives the same ids as the book's encode() for every SMS text, and
+    treats a literal "<|endoftext|>" in a user's text as text instead of raising.
+    """
+    texts = [str(t) for t in texts]
+    token_ids = tokenizer.encode_ordinary_batch(texts)
+    if max_length is None:
+        max_length = max(len(ids) for ids in token_ids)
+    else:
+        token_ids = [ids[:max_length] for ids in token_ids]
+    return Split(name=name, texts=texts, labels=np.asarray(labels, dtype=np.int64),
+                 token_ids=token_ids, max_length=int(max_length), pad_token_id=pad_token_id)
+
+
+def make_splits(df, class_names, tokenizer, *, source="", max_length=None, context_length=1024,
+                train_frac=0.7, validation_frac=0.1, random_state=123):
+    """Split a (Text, Label int) DataFrame 70/10/20 the book's way and tokenize each part.
+
+    max_length None pads to the longest training text, as the book does, but at
+    most `context_length` tokens: longer texts would not fit GPT-2's position
+    table (the book asserts this instead). Validation and test texts are truncated
+    to the training max_length.
+    """
+    parts = random_split(df, train_frac, validation_frac, random_state)
+    for part_name, part in zip(("train", "val", "test"), parts):
+        if len(part) == 0:
+            raise DataError(f"{source or 'the data'}: {len(df)} rows leave the {part_name} split "
+                            f"empty; at least 10 rows are needed")
+    train_df, val_df, test_df = parts
+    if max_length is None:
+        train = encode_split("train", train_df["Text"], train_df["Label"], tokenizer)
+        if train.max_length > context_length:
+            train = encode_split("train", train_df["Text"], train_df["Label"], tokenizer,
+                                 max_length=context_length)
+    else:
+        train = encode_split("train", train_df["Text"], train_df["Label"], tokenizer,
+                             max_length=max_length)
+    val = encode_split("val", val_df["Text"], val_df["Label"], tokenizer,
+                       max_length=train.max_length)
+    test = encode_split("test", test_df["Text"], test_df["Label"], tokenizer,
+                        max_length=train.max_length)
+    return ClassificationData(train=train, val=val, test=test, class_names=tuple(class_names),
+                              source=str(source))
+
+
+def load_sms_spam(*, url=SMS_SPAM_URL, folder=None, tokenizer=None, max_length=None,
+                  context_length=1024, random_state=123, offline=None, progress=None):
+    """The appendix E data: SMS Spam Collection, balanced, split, tokenized -> ClassificationData.
+
+    Downloads (or reuses) the file as `download_sms_spam` does; the tokenizer
+    defaults to `get_tokenizer()`. With the defaults: 1,045 / 149 / 300 examples,
+    max_length 120.
+    """
+    path = download_sms_spam(url, folder=folder, offline=offline, progress=progress)
+    if tokenizer is None:
+        tokenizer = get_tokenizer(offline=offline, progress=progress)
+    balanced = create_balanced_dataset(read_sms_spam(path), random_state=random_state)
+    return make_splits(balanced, SMS_CLASS_NAMES, tokenizer, source=path, max_length=max_length,
+                       context_length=context_length, random_state=random_state)
+
+
+def load_text_label_file(path, *, tokenizer=None, max_length=None, context_length=1024,
+                         random_state=123, offline=None, progress=None):
+    """Your own CSV/TSV of text,label rows (see `read_text_label_file`) -> ClassificationData.
+
+    Split 70/10/20 and tokenized exactly like the SMS data, without balancing.
+    """
+    df, class_names = read_text_label_file(path)
+    if tokenizer is None:
+        tokenizer = get_tokenizer(offline=offline, progress=progress)
+    return make_splits(df, class_names, tokenizer, source=path, max_length=max_length,
+                       context_length=context_length, random_state=random_state)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def collate(split, indices, pad_to="dataset"):
+    """Pad the texts split.token_ids[indices] into one batch.
+
+    pad_to: "dataset" pads to split.max_length (the book); "longest_in_batch" pads
+            only to the longest text of this batch (less work, same logits at the
+            real tokens since attention is causal).
+    Returns (idx (B, T) int64, labels (B,) int64, last_index (B,) int64), where
+    last_index[b] is the position of text b's last real (non-pad) token.
+    """
+    if pad_to not in PAD_MODES:
+        raise ValueError(f"pad_to must be one of {PAD_MODES}, got {pad_to!r}")
+    indices = np.asarray(indices, dtype=np.int64)
+    lengths = np.array([len(split.token_ids[i]) for i in indices], dtype=np.int64)
+    T = split.max_length if pad_to == "dataset" else max(int(lengths.max(initial=0)), 1)
+    idx = np.full((len(indices), T), split.pad_token_id, dtype=np.int64)  # (B, T)
+    for row, i in enumerate(indices):
+        idx[row, :lengths[row]] = split.token_ids[i]
+    labels = split.labels[indices]  # (B,)
+    last_index = np.maximum(lengths - 1, 0)  # (B,); an empty text points at its first pad
+    return idx, labels, last_index
+
+
+class BatchLoader:
+    """Iterate over a Split in batches, like torch's DataLoader with num_workers=0.
+
+    shuffle:   a new order every epoch from a NumPy Generator seeded with (seed, epoch),
+               so a run is reproducible and a resumed run can continue with the same
+               order (`set_epoch`, `epoch_batches`). Each `iter()` uses the current
+               epoch, then advances it.
+    drop_last: leave out the last incomplete batch (the book does so for training).
+    pad_to:    "dataset" or "longest_in_batch" (see `collate`).
+    Yields (idx (B, T), labels (B,), last_index (B,)), all int64 NumPy arrays.
+    """
+
+    def __init__(self, split, batch_size=8, *, shuffle=False, drop_last=False, seed=123,
+                 pad_to="dataset"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if pad_to not in PAD_MODES:
+            raise ValueError(f"pad_to must be one of {PAD_MODES}, got {pad_to!r}")
+        self.split = split
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.pad_to = pad_to
+        self.epoch = 0
+
+    def __len__(self):
+        if self.drop_last:
+            return len(self.split) // self.batch_size
+        return -(-len(self.split) // self.batch_size)
+
+    def set_epoch(self, epoch):
+        """Make the next iteration use epoch `epoch`'s order (to resume a run)."""
+        self.epoch = int(epoch)
+
+    def order(self, epoch):
+        """The example indices of epoch `epoch`, in the order they are batched."""
+        if not self.shuffle:
+            return np.arange(len(self.split))
+        # Seeding with the pair (seed, epoch) rather than seed + epoch keeps seed 1 epoch 0
+        # and seed 0 epoch 1 from sharing an order.
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.split))
+
+    def epoch_batches(self, epoch, start=0):
+        """The batches of epoch `epoch` from batch number `start` on (to resume mid-epoch).
+
+        Leaves `self.epoch` alone: the same epoch can be replayed any number of times.
+        """
+        order = self.order(epoch)
+        for b in range(start, len(self)):
+            yield collate(self.split, order[b * self.batch_size:(b + 1) * self.batch_size],
+                          self.pad_to)
+
+    def __iter__(self):
+        # The epoch advances when iteration starts, not when the generator is first used.
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return self.epoch_batches(epoch)
+
+
+def make_loaders(data, batch_size=8, *, seed=123, pad_to="dataset"):
+    """The book's three loaders: train shuffled with drop_last, val and test in order.
+
+    Returns (train, val, test) BatchLoaders; for the SMS data at batch size 8 that is
+    130 / 19 / 38 batches.
+    """
+    train = BatchLoader(data.train, batch_size, shuffle=True, drop_last=True, seed=seed,
+                        pad_to=pad_to)
+    val = BatchLoader(data.val, batch_size, pad_to=pad_to)
+    test = BatchLoader(data.test, batch_size, pad_to=pad_to)
+    return train, val, test
