@@ -44,8 +44,12 @@ def _atomic_write(path, write):
             tmp.unlink()
 
 
-def save_adapter(model, folder, base_model=None):
-    """Write the model's LoRA adapter (and replaced head) to `folder`. Returns the folder."""
+def save_adapter(model, folder, base_model=None, class_names=None, max_length=None):
+    """Write the model's LoRA adapter (and replaced head) to `folder`. Returns the folder.
+
+    base_model, class_names, max_length: recorded in the config for whoever loads it
+    (the base weights to load, the label of each class, the padded training length).
+    """
     if model.lora is None:
         raise AdapterError("the model has no LoRA adapters to save")
     if model.lora.merged:
@@ -56,7 +60,8 @@ def save_adapter(model, folder, base_model=None):
     tensors = {n: np.ascontiguousarray(to_numpy(model.params[n])) for n in names}
     config = {"format": FORMAT, **model.lora.config(), "base_model": base_model,
               "model_config": model.cfg.to_dict(),
-              "num_classes": model.n_out if "out_head.weight" in model.params else None}
+              "num_classes": model.n_out if "out_head.weight" in model.params else None,
+              "class_names": None if class_names is None else list(class_names), "max_length": max_length}
     _atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "np"}))
     _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
     return folder

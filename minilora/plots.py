@@ -1,0 +1,41 @@
+"""The book's training plots: train vs validation against epochs, examples seen on top.
+
+Raschka's ``plot_values`` (chapter 6): one line per split against epochs on the
+bottom axis, with a second, invisible plot on a twin top axis so that the top
+ticks read "examples seen". matplotlib runs headless (the Agg backend).
+"""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_values(epochs_seen, examples_seen, train_values, val_values, path, label="loss"):
+    """Write a PNG of train/val `label` against epochs (bottom) and examples seen (top)."""
+    fig, ax1 = plt.subplots(figsize=(5, 3))
+    ax1.plot(epochs_seen, train_values, label=f"Training {label}")
+    ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
+    ax1.set_xlabel("Epochs")
+    ax1.set_ylabel(label.capitalize())
+    ax1.legend()
+    ax2 = ax1.twiny()  # same curve, examples seen on the top axis
+    ax2.plot(examples_seen, train_values, alpha=0)
+    ax2.set_xlabel("Examples seen")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_run(state, examples_per_epoch, folder):
+    """loss.png and accuracy.png of a finished LoopState into `folder`."""
+    evals = state.evals
+    epochs = [e["examples_seen"] / examples_per_epoch for e in evals]
+    plot_values(epochs, [e["examples_seen"] for e in evals], [e["train_loss"] for e in evals],
+                [e["val_loss"] for e in evals], folder / "loss.png", "loss")
+    acc = state.epochs
+    plot_values([a["epoch"] for a in acc], [a["examples_seen"] for a in acc],
+                [a["train_accuracy"] for a in acc], [a["val_accuracy"] for a in acc],
+                folder / "accuracy.png", "accuracy")
+    return folder / "loss.png", folder / "accuracy.png"

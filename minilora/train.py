@@ -1,0 +1,250 @@
+"""Fine-tuning a classifier: the loop of the book's appendix E, with checkpoints.
+
+The loop is ``train_classifier_simple`` of Raschka's chapter 6 / appendix E:
+each step runs forward, the cross-entropy of the logits at one position per text,
+backward and AdamW; every ``eval_freq`` steps (starting at step 0, as the book's
+global_step starts at -1) the mean loss over ``eval_iter`` training and validation
+batches is recorded; after each epoch, the accuracy over ``eval_iter`` batches.
+
+Beyond the book:
+- checkpoints (adapter + optimizer + loop state) written atomically after every
+  epoch and on Ctrl-C, from which ``resume`` continues to the same result;
+- a NaN/inf loss stops the run with TrainingDiverged, keeping the last good checkpoint;
+- ``pool="last_real"`` reads the last real token instead of the last position.
+Library code does not print: progress goes to the ``log`` callback and a tqdm bar
+(on a terminal only).
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from .adapters import load_adapter, save_adapter
+from .backend import to_numpy
+from .layers import cross_entropy_backward, cross_entropy_forward
+
+POOLS = ("last", "last_real")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5  # passes over the training batches
+    eval_freq: int = 50  # evaluate losses every this many steps
+    eval_iter: int = 5  # batches per evaluation (losses and epoch accuracies)
+    pool: str = "last"  # "last": position -1, as the book; "last_real": the last real token
+    max_grad_norm: float = None  # clip gradients to this global norm (None: off, as the book)
+
+    def __post_init__(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.epochs < 1 or self.eval_freq < 1 or self.eval_iter < 1:
+            raise ValueError("epochs, eval_freq and eval_iter must be >= 1")
+
+
+@dataclass
+class LoopState:
+    """Where a run is: enough, with the adapter and the optimizer, to resume exactly."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch: int = 0  # batches of that epoch already done
+    step: int = 0  # optimizer steps taken
+    examples_seen: int = 0
+    history: list = field(default_factory=list)  # one dict per step (see train_classifier)
+    evals: list = field(default_factory=list)  # {step, epoch, examples_seen, train_loss, val_loss}
+    epochs: list = field(default_factory=list)  # {epoch, examples_seen, train_accuracy, val_accuracy}
+    done: bool = False
+    seconds: float = 0.0  # training-loop wall time, summed over every segment of a resumed run
+    segment_seconds: float = 0.0  # the part of `seconds` spent in the latest segment
+
+
+# ---------------------------------------------------------------------------- one batch
+
+
+def _positions(idx, last_index, pool):
+    return np.full(idx.shape[0], idx.shape[1] - 1) if pool == "last" else np.asarray(last_index)
+
+
+def batch_logits(model, idx, last_index, pool="last", keep_cache=False):
+    """Class logits (B, K) read at one position per text."""
+    return model.forward(idx, keep_cache=keep_cache, positions=_positions(idx, last_index, pool))
+
+
+def train_step(model, opt, idx, labels, last_index, pool="last"):
+    """forward, loss, backward, AdamW: one step. Returns the loss as a 0-d array."""
+    logits = batch_logits(model, idx, last_index, pool, keep_cache=True)  # [B, K]
+    loss, cache = cross_entropy_forward(logits, model.xp.asarray(labels))
+    (dlogits,) = cross_entropy_backward(1.0, cache)
+    opt.step(model.backward(dlogits))
+    return loss
+
+
+def evaluate(model, batches, num_batches=None, pool="last"):
+    """Mean loss and accuracy over the first num_batches of `batches` (all when None)."""
+    model.eval()
+    losses, correct, total = [], 0, 0
+    try:
+        for i, (idx, labels, last_index) in enumerate(batches):
+            if num_batches is not None and i >= num_batches:
+                break
+            logits = batch_logits(model, idx, last_index, pool)
+            loss, _ = cross_entropy_forward(logits, model.xp.asarray(labels))
+            losses.append(float(loss))
+            correct += int((to_numpy(logits.argmax(axis=-1)) == labels).sum())
+            total += len(labels)
+    finally:
+        model.train()
+    if not total:
+        return float("nan"), float("nan")
+    return float(np.mean(losses)), correct / total
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def train_classifier(model, opt, train_loader, val_loader, config=None, *, checkpoint_dir=None,
+                     state=None, log=None, progress=None):
+    """The book's training loop; returns the final LoopState.
+
+    train_loader / val_loader: minilora.data.BatchLoader (train shuffled per epoch).
+    checkpoint_dir: where to keep the latest checkpoint (None: no checkpoints).
+    state: a LoopState to continue from (see load_checkpoint); None starts afresh.
+    log: a function of one string (None: silent). progress: show a tqdm bar
+    (None: only when stderr is a terminal).
+    """
+    config = config or TrainConfig()
+    state = state or LoopState()
+    log = log or (lambda msg: None)
+    bar = _progress_bar(config.epochs * len(train_loader), state.step, progress)
+    t_start, seconds_before = time.perf_counter(), state.seconds
+
+    def clock():  # keep the wall time current before every checkpoint
+        state.segment_seconds = time.perf_counter() - t_start
+        state.seconds = seconds_before + state.segment_seconds
+
+    model.train()
+    try:
+        while state.epoch < config.epochs:
+            for idx, labels, last_index in train_loader.epoch_batches(state.epoch, start=state.batch):
+                loss = train_step(model, opt, idx, labels, last_index, config.pool)
+                loss = float(loss)
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss} at step {state.step} (epoch {state.epoch + 1}); the parameters "
+                        f"are no longer usable. The last good checkpoint is kept"
+                        f"{' in ' + str(checkpoint_dir) if checkpoint_dir else ''}; try a lower learning rate.")
+                state.examples_seen += len(labels)
+                state.history.append({"step": state.step, "epoch": state.epoch + 1,
+                                      "examples_seen": state.examples_seen, "lr": opt.last_lr,
+                                      "batch_loss": loss})
+                if state.step % config.eval_freq == 0:
+                    tr = evaluate(model, train_loader.epoch_batches(state.epoch), config.eval_iter, config.pool)
+                    va = evaluate(model, val_loader.epoch_batches(0), config.eval_iter, config.pool)
+                    state.evals.append({"step": state.step, "epoch": state.epoch + 1,
+                                        "examples_seen": state.examples_seen,
+                                        "train_loss": tr[0], "val_loss": va[0]})
+                    log(f"Ep {state.epoch + 1} (Step {state.step:06d}): "
+                        f"Train loss {tr[0]:.3f}, Val loss {va[0]:.3f}")
+                state.step += 1
+                state.batch += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            tr_acc = evaluate(model, train_loader.epoch_batches(state.epoch), config.eval_iter, config.pool)[1]
+            va_acc = evaluate(model, val_loader.epoch_batches(0), config.eval_iter, config.pool)[1]
+            state.epochs.append({"epoch": state.epoch + 1, "examples_seen": state.examples_seen,
+                                 "train_accuracy": tr_acc, "val_accuracy": va_acc})
+            log(f"Training accuracy: {tr_acc * 100:.2f}% | Validation accuracy: {va_acc * 100:.2f}%")
+            state.epoch += 1
+            state.batch = 0
+            clock()
+            if checkpoint_dir:
+                save_checkpoint(checkpoint_dir, model, opt, state)
+        state.done = True
+        clock()
+        if checkpoint_dir:
+            save_checkpoint(checkpoint_dir, model, opt, state)
+    except KeyboardInterrupt:
+        clock()
+        if checkpoint_dir:
+            save_checkpoint(checkpoint_dir, model, opt, state)
+            log(f"interrupted: saved a checkpoint at step {state.step} in {checkpoint_dir}; "
+                f"resume to continue")
+        raise
+    finally:
+        bar.close()
+    return state
+
+
+def _progress_bar(total, initial, progress):
+    from tqdm.auto import tqdm
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, disable=not progress, unit="step", leave=False,
+                desc="fine-tuning")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+ADAPTER_DIR = "adapter"
+
+
+def save_checkpoint(folder, model, opt, state):
+    """Write adapter + optimizer + loop state to `folder`, atomically: everything goes
+    to a sibling temporary folder that then replaces `folder` in one rename, so a
+    crash mid-save leaves the previous checkpoint intact."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_adapter(model, tmp / ADAPTER_DIR)
+    opt_state = opt.state_dict()
+    tensors = {f"m/{n}": a for n, a in opt_state.pop("m").items()}
+    tensors.update({f"v/{n}": a for n, a in opt_state.pop("v").items()})
+    save_file({k: np.ascontiguousarray(a) for k, a in tensors.items()}, str(tmp / OPTIMIZER_FILE))
+    meta = {"loop": asdict(state), "optimizer": opt_state,
+            "dropout_rng": model._dropout_rng.bit_generator.state}
+    (tmp / STATE_FILE).write_text(json.dumps(meta))
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def has_checkpoint(folder):
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file() and Path(str(folder) + ".old").joinpath(STATE_FILE).is_file():
+        os.replace(str(folder) + ".old", folder)  # a crash between the two renames: take the old one
+    return (folder / STATE_FILE).is_file()
+
+
+def load_checkpoint(folder, model, opt):
+    """Restore adapter (into a model without LoRA), optimizer and dropout generator from
+    `folder`; returns the LoopState to pass to train_classifier."""
+    folder = Path(folder)
+    if not has_checkpoint(folder):
+        raise FileNotFoundError(f"no checkpoint in {folder}")
+    meta = json.loads((folder / STATE_FILE).read_text())
+    load_adapter(model, folder / ADAPTER_DIR)
+    tensors = load_file(str(folder / OPTIMIZER_FILE))
+    opt_state = dict(meta["optimizer"])
+    opt_state["m"] = {k[2:]: a for k, a in tensors.items() if k.startswith("m/")}
+    opt_state["v"] = {k[2:]: a for k, a in tensors.items() if k.startswith("v/")}
+    opt.load_state_dict(opt_state)
+    model._dropout_rng.bit_generator.state = meta["dropout_rng"]
+    return LoopState(**meta["loop"])
