@@ -37,10 +37,11 @@ def lora_forward(x, A, B, scale, dropout_p=0.0, rng=None):
     xa = x_d @ A is (..., r): tiny, so it is kept rather than recomputed.
     """
     x_d, drop_cache = dropout_forward(x, dropout_p, rng)
-    xa = x_d @ A  # [..., in] @ [in, r] -> [..., r]
-    delta = xa @ B  # [..., r] @ [r, out] -> [..., out]
+    lead = x.shape[:-1]
+    xa = x_d.reshape(-1, A.shape[0]) @ A  # [N, in] @ [in, r] -> [N, r], N = prod(lead)
+    delta = xa @ B  # [N, r] @ [r, out] -> [N, out]
     delta *= delta.dtype.type(scale)
-    return delta, (x_d, A, B, xa, scale, drop_cache)
+    return delta.reshape(*lead, B.shape[1]), (x_d, A, B, xa, scale, drop_cache)
 
 
 def lora_backward(dout, cache):
@@ -57,10 +58,10 @@ def lora_backward(dout, cache):
     n_out = B.shape[1]
     s = dout.dtype.type(scale)
     d2 = dout.reshape(-1, n_out)  # [N, out]
-    dB = (xa.reshape(-1, r).T @ d2) * s  # [r, N] @ [N, out] -> [r, out]
-    g = (dout @ B.T) * s  # [..., out] @ [out, r] -> [..., r]
-    dA = x_d.reshape(-1, n_in).T @ g.reshape(-1, r)  # [in, N] @ [N, r] -> [in, r]
-    dx = g @ A.T  # [..., r] @ [r, in] -> [..., in]
+    dB = (xa.T @ d2) * s  # [r, N] @ [N, out] -> [r, out]
+    g = (d2 @ B.T) * s  # [N, out] @ [out, r] -> [N, r]
+    dA = x_d.reshape(-1, n_in).T @ g  # [in, N] @ [N, r] -> [in, r]
+    dx = (g @ A.T).reshape(*dout.shape[:-1], n_in)  # [N, r] @ [r, in] -> [..., in]
     (dx,) = dropout_backward(dx, drop_cache)
     return dx, dA, dB
 

@@ -1,0 +1,176 @@
+"""Benchmarks: a LoRA training step of GPT-2 small next to its own matmul floor.
+
+The step is appendix E's: GPT-2 small (random weights), a 2-class head, rank-16 LoRA
+on every linear, AdamW, batch 8 x 120 tokens, float32. Reported, all from one process
+so that the ratios are meaningful on a noisy machine:
+
+- the median step time after a warm-up, and tokens per second;
+- the matmul floor: the step's own matrix products (the same shapes and layouts),
+  timed alone; step / floor says how much time goes elsewhere;
+- the peak memory the step allocates (tracemalloc sees every NumPy buffer) and the
+  process's peak resident set;
+- a breakdown of the step's time by layer function (cProfile);
+- greedy generation speed of GPT-2 small.
+"""
+
+import cProfile
+import pstats
+import resource
+import time
+import tracemalloc
+
+import numpy as np
+
+from . import backend
+from .layers import cross_entropy_backward, cross_entropy_forward
+from .lora import apply_lora
+from .model import GPTConfig, GPTModel
+from .optim import AdamW
+
+
+def build_step(cfg, batch=8, seq=120, rank=16, device=None, dtype="float32", seed=0, pool_last=True):
+    """(model, step function, inputs) for the appendix E LoRA step at this shape."""
+    model = GPTModel(cfg, seed=seed, dtype=dtype, device=device).replace_head(2)
+    apply_lora(model, rank=rank, alpha=rank)
+    opt = AdamW(model, lr=8e-4, weight_decay=0.1)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, cfg.vocab_size, (batch, seq))
+    labels = model.xp.asarray(rng.integers(0, 2, batch))
+    positions = np.full(batch, seq - 1)
+
+    def step():
+        logits = model.forward(idx, positions=positions)  # [B, 2]
+        loss, cache = cross_entropy_forward(logits, labels)
+        opt.step(model.backward(cross_entropy_backward(1.0, cache)[0]))
+        return loss
+
+    return model, step
+
+
+def _sync(xp):
+    if xp is not np:
+        xp.cuda.Stream.null.synchronize()
+
+
+def time_calls(fn, xp, repeats, warmup=1):
+    """Median seconds of fn() over `repeats` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(xp)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(xp)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def step_matmuls(cfg, batch, seq, rank, n_classes=2):
+    """Every matrix product of one LoRA step as (a_shape, b_shape, a_transposed,
+    b_transposed): logical shapes, and whether the step multiplies a transposed view
+    (dx = dout @ W^T, dW-like products x^T @ dout) rather than a contiguous array."""
+    N, C, NH, r, T = batch * seq, cfg.emb_dim, cfg.n_heads, rank, seq
+    hs = C // NH
+    qk = ((batch, NH, T, hs), (batch, NH, hs, T), False, True)  # q @ k^T, dy @ v^T
+    av = ((batch, NH, T, T), (batch, NH, T, hs), False, False)  # att @ v, dpre @ k
+    at = ((batch, NH, T, T), (batch, NH, T, hs), True, False)  # att^T @ dy, dpre^T @ q
+    base = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]  # c_attn, c_proj, c_fc, mlp.c_proj
+    adapters = [(C, C)] * 3 + [(C, C), (C, 4 * C), (4 * C, C)]  # q, k, v; c_proj, c_fc, mlp.c_proj
+    prods = []
+    for _ in range(cfg.n_layers):
+        prods += [((N, i), (i, o), False, False) for i, o in base]  # forward x @ W
+        prods += [((N, o), (o, i), False, True) for i, o in base]  # backward dout @ W^T
+        prods += [qk, av, qk, at, av, at]  # attention forward (2) and backward (4)
+        for i, o in adapters:  # LoRA forward x A, (xA) B; backward dB, g = dout B^T, dA, g A^T
+            prods += [((N, i), (i, r), False, False), ((N, r), (r, o), False, False),
+                      ((r, N), (N, o), True, False), ((N, o), (o, r), False, True),
+                      ((i, N), (N, r), True, False), ((N, r), (r, i), False, True)]
+    prods += [((batch, C), (C, n_classes), False, False), ((batch, n_classes), (n_classes, C), False, True)]
+    return prods
+
+
+def matmul_floor(cfg, batch, seq, rank, xp, dtype, repeats=3):
+    """Seconds for the step's matrix products alone (median of `repeats`)."""
+    rng = np.random.default_rng(0)
+
+    def operand(shape, transposed):
+        stored = shape[:-2] + shape[-2:][::-1] if transposed else shape
+        a = xp.asarray(rng.standard_normal(stored, dtype=np.float32).astype(dtype))
+        return xp.swapaxes(a, -1, -2) if transposed else a
+
+    operands = [(operand(a, ta), operand(b, tb)) for a, b, ta, tb in step_matmuls(cfg, batch, seq, rank)]
+
+    def run():
+        for a, b in operands:
+            a @ b
+
+    return time_calls(run, xp, repeats)
+
+
+def peak_step_memory(step, xp):
+    """Bytes the step allocates at its peak beyond what was already allocated (CPU:
+    tracemalloc, which NumPy reports every buffer to; CUDA: the memory pool)."""
+    if xp is not np:
+        pool = xp.get_default_memory_pool()
+        before = pool.used_bytes()
+        step()
+        _sync(xp)
+        return int(pool.total_bytes() - before)
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    step()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return int(peak - base)
+
+
+def layer_breakdown(step):
+    """Seconds per layer function (forward and backward separately) over one step."""
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    prof.disable()
+    rows = {}
+    for (filename, _, func), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
+        if filename.endswith(("layers.py", "lora.py", "optim.py")) and "_" in func:
+            rows[func] = rows.get(func, 0.0) + tottime
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
+
+
+def generation_speed(cfg, device=None, prompt_len=4, new_tokens=20, seed=0):
+    """Greedy tokens per second for a random-weight model of this config."""
+    from .generate import generate
+
+    model = GPTModel(cfg, seed=seed, device=device)
+    prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, (1, prompt_len))
+    generate(model, prompt, 2)  # warm-up
+    t = time.perf_counter()
+    generate(model, prompt, new_tokens)
+    return new_tokens / (time.perf_counter() - t)
+
+
+def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, dtype="float32",
+                  repeats=5, breakdown=True, generation=True):
+    """The full report as a dict (see the module docstring)."""
+    device = backend.resolve_device(device)
+    cfg = GPTConfig.from_preset(preset)
+    model, step = build_step(cfg, batch, seq, rank, device, dtype)
+    xp = model.xp
+    step_s = time_calls(step, xp, repeats, warmup=2)
+    floor_s = matmul_floor(cfg, batch, seq, rank, xp, dtype)
+    report = {
+        "device": device, "model": preset, "batch": batch, "seq": seq, "rank": rank, "dtype": dtype,
+        "trainable_params": model.num_params(trainable_only=True), "total_params": model.num_params(),
+        "step_seconds": step_s, "tokens_per_second": batch * seq / step_s,
+        "matmul_floor_seconds": floor_s, "step_over_floor": step_s / floor_s,
+        "step_peak_bytes": peak_step_memory(step, xp),
+        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if breakdown:
+        report["breakdown_seconds"] = layer_breakdown(step)
+    if generation:
+        del model, step
+        report["generate_tokens_per_second"] = generation_speed(cfg, device)
+    return report
