@@ -99,14 +99,16 @@ def layernorm_forward(x, w, b, eps=1e-5):
     """
     xp = get_array_module(x)
     mean = x.mean(axis=-1, keepdims=True)  # [..., 1]
-    xc = x - mean  # [..., C]
-    var = (xc * xc).mean(axis=-1, keepdims=True)  # [..., 1]
+    y = x - mean  # [..., C], centred; becomes the output in place
+    var = (y * y).mean(axis=-1, keepdims=True)  # [..., 1]
     rstd = 1.0 / xp.sqrt(var + eps)  # [..., 1], stays in x's dtype
-    y = xc * rstd * w + b  # [..., C]
+    y *= rstd
+    y *= w
+    y += b
     return y, (x, w, mean, rstd)
 
 
-def layernorm_backward(dout, cache):
+def layernorm_backward(dout, cache, need_dparams=True):
     """Gradients of y = n * w + b with n = (x - mean) * rstd.
 
       dn = dout * w
@@ -114,15 +116,24 @@ def layernorm_backward(dout, cache):
       dw = sum over rows of dout * n
       db = sum over rows of dout
     The two mean terms come from mean and rstd depending on every x in the row.
+    need_dparams=False (frozen w, b) returns None for dw and db without computing them.
     """
     x, w, mean, rstd = cache
     C = x.shape[-1]
-    n = (x - mean) * rstd  # recomputed, see the forward
+    n = x - mean
+    n *= rstd  # recomputed, see the forward
     dn = dout * w
-    dx = rstd * (dn - dn.mean(axis=-1, keepdims=True) - n * (dn * n).mean(axis=-1, keepdims=True))
-    dw = (dout * n).reshape(-1, C).sum(axis=0)
-    db = dout.reshape(-1, C).sum(axis=0)
-    return dx, dw, db
+    dn_n = dn * n
+    dw = db = None
+    if need_dparams:
+        dw = (dout * n).reshape(-1, C).sum(axis=0)
+        db = dout.reshape(-1, C).sum(axis=0)
+    # dx = rstd * (dn - mean(dn) - n * mean(dn * n)), in dn's and n's buffers
+    n *= dn_n.mean(axis=-1, keepdims=True)
+    dn -= dn.mean(axis=-1, keepdims=True)
+    dn -= n
+    dn *= rstd
+    return dn, dw, db
 
 
 # ---------------------------------------------------------------------------- GELU
@@ -133,24 +144,44 @@ _GELU_K = math.sqrt(2.0 / math.pi)
 def gelu_forward(x):
     """GELU, tanh form (GPT-2's): y = 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi).
 
-    Cache: x alone; tanh is recomputed in the backward.
+    Cache: x and t = tanh(k (x + 0.044715 x^3)). tanh is the costly part of both
+    passes, so it is kept rather than recomputed. The arithmetic runs in place in
+    two buffers: these arrays are the biggest of a block (B, T, 4C).
     """
     xp = get_array_module(x)
-    t = xp.tanh(_GELU_K * (x + 0.044715 * x * x * x))  # x*x*x, not x**3: no slow float pow
-    return 0.5 * x * (1.0 + t), x
+    t = x * x  # x*x*x, not x**3: a float power is a slow path
+    t *= 0.044715
+    t += 1.0
+    t *= x
+    t *= _GELU_K
+    xp.tanh(t, out=t)  # t = tanh(k (x + 0.044715 x^3))
+    y = t + 1.0
+    y *= x
+    y *= 0.5
+    return y, (x, t)
 
 
 def gelu_backward(dout, cache):
     """Derivative of y = 0.5 x (1 + t), t = tanh(u), u = k (x + 0.044715 x^3):
 
       dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2)
+            = 0.5 (1 + t + x (1 - t^2) k (1 + 3 * 0.044715 x^2))
       dx = dout * dy/dx
     """
-    x = cache
+    x, t = cache
     xp = get_array_module(x)
-    t = xp.tanh(_GELU_K * (x + 0.044715 * x * x * x))
-    dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_K * (1.0 + 3 * 0.044715 * x * x)
-    return (dout * dydx,)
+    g = x * x
+    g *= 3 * 0.044715 * _GELU_K
+    g += _GELU_K
+    g *= x  # x k (1 + 3 * 0.044715 x^2)
+    one_minus_t2 = t * t
+    xp.subtract(1.0, one_minus_t2, out=one_minus_t2)
+    g *= one_minus_t2
+    g += t
+    g += 1.0
+    g *= 0.5  # dy/dx
+    g *= dout
+    return (g,)
 
 
 # ---------------------------------------------------------------------------- dropout
@@ -180,6 +211,11 @@ def dropout_backward(dout, cache):
 # ---------------------------------------------------------------------------- attention
 
 
+def causal_mask(T, dtype, xp):
+    """(T, T) additive mask: 0 on and below the diagonal, -inf above it."""
+    return xp.triu(xp.full((T, T), -xp.inf, dtype=dtype), k=1)
+
+
 def attention_forward(qkv, n_heads, dropout_p=0.0, rng=None):
     """Causal multi-head self-attention on the fused projection qkv = [q | k | v].
 
@@ -197,9 +233,9 @@ def attention_forward(qkv, n_heads, dropout_p=0.0, rng=None):
     # [B, T, 3C] -> [3, B, NH, T, hs]; contiguous copies so the batched matmuls are fast
     q, k, v = xp.ascontiguousarray(qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4))
     scale = qkv.dtype.type(1.0 / math.sqrt(hs))
-    pre = (q @ k.transpose(0, 1, 3, 2)) * scale  # [B, NH, T, hs] @ [B, NH, hs, T] -> [B, NH, T, T]
-    future = xp.triu(xp.ones((T, T), dtype=bool), k=1)
-    pre[..., future] = -xp.inf  # a token never sees the future
+    pre = q @ k.transpose(0, 1, 3, 2)  # [B, NH, T, hs] @ [B, NH, hs, T] -> [B, NH, T, T]
+    pre *= scale
+    pre += causal_mask(T, qkv.dtype, xp)  # -inf above the diagonal: a token never sees the future
     # softmax, subtracting the row max so exp never overflows; the diagonal is never
     # masked, so every row has a finite max and a non-zero sum
     pre -= pre.max(axis=-1, keepdims=True)
@@ -229,8 +265,11 @@ def attention_backward(dout, cache):
     datt = dy @ v.transpose(0, 1, 3, 2)  # [B, NH, T, T]
     dv = att_d.transpose(0, 1, 3, 2) @ dy  # [B, NH, T, hs]
     (datt,) = dropout_backward(datt, drop_cache)
-    dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # softmax backward
-    dpre *= scale
+    # softmax backward, in place in datt's buffer: dpre = att * (datt - rowsum(datt * att))
+    datt -= (datt * att).sum(axis=-1, keepdims=True)
+    datt *= att
+    datt *= scale
+    dpre = datt
     dq = dpre @ k  # [B, NH, T, hs]
     dk = dpre.transpose(0, 1, 3, 2) @ q  # [B, NH, T, hs]
     dqkv = xp.empty((B, T, 3, NH, hs), dtype=dout.dtype)

@@ -339,7 +339,7 @@ class GPTModel:
             # tied head: logits = x @ wte^T, so wte's gradient is the transpose of dW
             dx, dwT, _ = linear_backward(dlogits, c_head, need_dw="wte.weight" in train, need_db=False)
             self._accumulate(grads, "wte.weight", None if dwT is None else dwT.T)
-        dx, dw, db = layernorm_backward(dx, c_lnf)
+        dx, dw, db = layernorm_backward(dx, c_lnf, self._trains("ln_f."))
         self._accumulate_pair(grads, "ln_f.", dw, db)
         if rows is not None:  # only the selected rows received gradient
             dx_rows, dx = dx, self.xp.zeros(c_emb[0].shape + (self.cfg.emb_dim,), dtype=dx.dtype)
@@ -352,7 +352,7 @@ class GPTModel:
             dm = self._linear_backward(h + "mlp.c_proj", dm, c_mproj, grads)
             (dm,) = gelu_backward(dm, c_gelu)
             dm = self._linear_backward(h + "mlp.c_fc", dm, c_fc, grads)
-            dm, dw, db = layernorm_backward(dm, c_ln2)
+            dm, dw, db = layernorm_backward(dm, c_ln2, self._trains(h + "ln_2."))
             self._accumulate_pair(grads, h + "ln_2.", dw, db)
             dx = dx + dm
             # x = x + a: likewise for the attention branch
@@ -360,7 +360,7 @@ class GPTModel:
             da = self._linear_backward(h + "attn.c_proj", da, c_proj, grads)
             (da,) = attention_backward(da, c_att)
             da = self._linear_backward(h + "attn.c_attn", da, c_qkv, grads)
-            da, dw, db = layernorm_backward(da, c_ln1)
+            da, dw, db = layernorm_backward(da, c_ln1, self._trains(h + "ln_1."))
             self._accumulate_pair(grads, h + "ln_1.", dw, db)
             dx = dx + da
         if "wte.weight" in train or "wpe.weight" in train:  # frozen embeddings: no scatter-add
@@ -371,6 +371,10 @@ class GPTModel:
             if "wpe.weight" in train:
                 self._accumulate(grads, "wpe.weight", dwpe)
         return {n: grads[n] for n in self.trainable if n in grads}
+
+    def _trains(self, prefix):
+        """Whether the weight or bias of a layernorm `prefix` is trained."""
+        return prefix + "weight" in self._trainable_set or prefix + "bias" in self._trainable_set
 
     def _accumulate_pair(self, grads, prefix, dw, db):
         """Add a weight/bias gradient pair (layernorm) for the trainable ones."""

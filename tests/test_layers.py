@@ -89,8 +89,8 @@ def test_checker_fails_when_model_backward_is_broken(monkeypatch, tiny_cfg):
     """The whole-model check catches a broken layer too (gelu derivative missing a term)."""
     import minilora.model as model_mod
 
-    def broken_gelu_backward(dout, x):
-        t = np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))
+    def broken_gelu_backward(dout, cache):
+        x, t = cache
         return (dout * 0.5 * (1.0 + t),)  # dropped: the x * sech^2 term
 
     monkeypatch.setattr(model_mod, "gelu_backward", broken_gelu_backward)
