@@ -14,8 +14,11 @@ so that the ratios are meaningful on a noisy machine:
 """
 
 import cProfile
+import json
 import pstats
 import resource
+import subprocess
+import sys
 import time
 import tracemalloc
 
@@ -126,6 +129,45 @@ def peak_step_memory(step, xp):
     return int(peak - base)
 
 
+_RSS_CHILD = """
+import json, resource, sys
+framework, preset, batch, seq, rank, steps = sys.argv[1:]
+batch, seq, rank, steps = int(batch), int(seq), int(rank), int(steps)
+from minilora.model import GPTConfig
+cfg = GPTConfig.from_preset(preset)
+if framework == "minilora":
+    from minilora.bench import build_step
+    step = build_step(cfg, batch, seq, rank)[1]
+    for _ in range(steps):
+        step()
+else:
+    from minilora.bench_torch import time_torch_step
+    time_torch_step(cfg, batch, seq, rank, repeats=steps - 1, warmup=1)
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+"""
+
+
+def peak_rss(framework="minilora", preset="gpt2-small", batch=8, seq=120, rank=16, steps=2):
+    """Peak resident memory (bytes) of a fresh process that builds the model and runs
+    `steps` training steps: the number to compare between minilora and "torch"."""
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, framework, preset, str(batch), str(seq),
+                          str(rank), str(steps)], capture_output=True, text=True, check=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def memory_by_batch(preset="gpt2-small", batches=(1, 2, 4, 8, 16), seq=120, rank=16, device=None):
+    """Peak bytes allocated by one step at each batch size (fixed length): linear, not
+    quadratic, growth is what to look for."""
+    cfg = GPTConfig.from_preset(preset)
+    rows = []
+    for b in batches:
+        model, step = build_step(cfg, b, seq, rank, device)
+        step()
+        rows.append({"batch": b, "step_peak_bytes": peak_step_memory(step, model.xp)})
+        del model, step
+    return rows
+
+
 def layer_breakdown(step):
     """Seconds per layer function (forward and backward separately) over one step."""
     prof = cProfile.Profile()
@@ -139,20 +181,20 @@ def layer_breakdown(step):
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
 
 
-def generation_speed(cfg, device=None, prompt_len=4, new_tokens=20, seed=0):
+def generation_speed(cfg, device=None, prompt_len=4, new_tokens=30, seed=0, kv_cache=True):
     """Greedy tokens per second for a random-weight model of this config."""
     from .generate import generate
 
     model = GPTModel(cfg, seed=seed, device=device)
     prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, (1, prompt_len))
-    generate(model, prompt, 2)  # warm-up
+    generate(model, prompt, 2, kv_cache=kv_cache)  # warm-up
     t = time.perf_counter()
-    generate(model, prompt, new_tokens)
+    generate(model, prompt, new_tokens, kv_cache=kv_cache)
     return new_tokens / (time.perf_counter() - t)
 
 
 def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, dtype="float32",
-                  repeats=5, breakdown=True, generation=True):
+                  repeats=5, breakdown=True, generation=True, torch=True):
     """The full report as a dict (see the module docstring)."""
     device = backend.resolve_device(device)
     cfg = GPTConfig.from_preset(preset)
@@ -173,4 +215,13 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
     if generation:
         del model, step
         report["generate_tokens_per_second"] = generation_speed(cfg, device)
+        report["generate_tokens_per_second_no_kv_cache"] = generation_speed(cfg, device, kv_cache=False)
+    if torch and device == "cpu" and dtype == "float32":
+        try:
+            from .bench_torch import time_torch_step
+        except ImportError:
+            report["torch"] = None
+        else:
+            report["torch"] = time_torch_step(cfg, batch, seq, rank, repeats)
+            report["step_over_torch"] = step_s / report["torch"]["torch_step_seconds"]
     return report

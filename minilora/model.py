@@ -33,6 +33,7 @@ from .layers import (
 from .lora import lora_backward, lora_forward
 
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon
+_INIT_CHUNK = 1 << 22  # random init draws this many float64 values at a time (32 MB)
 
 
 @dataclass(frozen=True)
@@ -136,13 +137,17 @@ class GPTModel:
         rng = np.random.default_rng(seed)
         resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for name, shape in param_shapes(self.cfg).items():
+            value = np.empty(shape, dtype=self.dtype)
             if name.endswith("bias"):
-                value = np.zeros(shape)
+                value[...] = 0.0
             elif ".ln_" in name or name.startswith("ln_f"):
-                value = np.ones(shape)
+                value[...] = 1.0
             else:
                 std = resid_std if name.endswith("c_proj.weight") else 0.02
-                value = rng.normal(0.0, std, size=shape)
+                flat = value.reshape(-1)
+                for i in range(0, flat.size, _INIT_CHUNK):  # float64 draws, a chunk at a time:
+                    n = min(_INIT_CHUNK, flat.size - i)  # the same stream as one big draw
+                    flat[i:i + n] = rng.normal(0.0, std, size=n)
             self.params[name] = self._to_model(value)
 
     def _to_model(self, array):
@@ -289,6 +294,7 @@ class GPTModel:
             alone and the logits are (B, n_out). backward then takes dlogits (B, n_out).
         keep_cache=False skips keeping the activations backward needs (evaluation).
         """
+        self._cache = None  # drop the previous step's activations before making new ones
         idx = self.check_idx(idx)
         rows = None if positions is None else self._check_positions(positions, idx.shape)
         cfg, p = self.cfg, self.params
@@ -325,12 +331,16 @@ class GPTModel:
     __call__ = forward
 
     def backward(self, dlogits):
-        """Gradients (dict name -> array) of every trainable parameter, given dL/dlogits."""
+        """Gradients (dict name -> array) of every trainable parameter, given dL/dlogits.
+
+        Consumes the activations the forward kept: one backward per forward."""
         if self._cache is None:
-            raise RuntimeError("backward() needs a forward(idx) with keep_cache=True first")
+            raise RuntimeError("backward() needs a forward(idx) with keep_cache=True first "
+                               "(and one forward per backward)")
         if self.lora is not None and self.lora.merged and set(self.lora.param_names) & set(self.trainable):
             raise RuntimeError("LoRA adapters are merged into the weights: unmerge_lora(model) before training")
         c_emb, c_drop, blocks, rows, c_lnf, c_head = self._cache
+        self._cache = None  # backward consumes the activations: free each block's as it goes
         p, grads = self.params, {}
         self._trainable_set = train = set(self.trainable)
         if "out_head.weight" in p:
@@ -346,7 +356,7 @@ class GPTModel:
             dx[rows] = dx_rows
         for i in reversed(range(self.cfg.n_layers)):
             h = f"h.{i}."
-            c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2 = blocks[i]
+            c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2 = blocks.pop()
             # x = x + m: the residual passes dx straight through and into the MLP branch
             (dm,) = dropout_backward(dx, c_drop2)
             dm = self._linear_backward(h + "mlp.c_proj", dm, c_mproj, grads)
