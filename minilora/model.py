@@ -123,6 +123,7 @@ class GPTModel:
         self.params = {}
         self.trainable = []
         self.lora = None
+        self.name = None  # the checkpoint the weights came from, when loaded
         self.training = True
         self._dropout_rng = np.random.default_rng(seed + 1)
         self._cache = None

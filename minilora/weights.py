@@ -1,0 +1,274 @@
+"""GPT-2 weights in the Hugging Face layout: download, load and save ``model.safetensors``.
+
+The Hugging Face GPT-2 checkpoints (openai-community/gpt2, -medium, -large, -xl) hold:
+- names without the ``transformer.`` prefix (some exports add it: stripped);
+- Conv1D weights stored (in, out), so ``y = x @ W + b`` with no transposes;
+- ``h.{i}.attn.c_attn`` with Q | K | V side by side in its columns;
+- ``h.{i}.attn.bias`` / ``h.{i}.attn.masked_bias``: causal-mask buffers, not
+  parameters (skipped; careful, ``h.{i}.attn.c_attn.bias`` also ends in ``attn.bias``);
+- no ``lm_head.weight`` (the LM head is ``wte`` transposed; skipped if present);
+- float32 tensors.
+Loading goes tensor by tensor (``safe_open``), so even gpt2-xl never needs two full
+copies in memory, and every name and shape is checked before anything big is read.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .cache import cache_dir, is_offline
+from .download import download
+from .model import PRESET_ALIASES, PRESETS, GPTConfig, param_shapes
+
+HF_ENDPOINT = "https://huggingface.co"
+HF_REPOS = {"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+            "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+KNOWN_SIZES = {"gpt2-small": 548_105_171}  # bytes of model.safetensors, where we know them
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not c_attn.bias
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is unreadable or does not describe a GPT-2 of the expected shape."""
+
+
+# ---------------------------------------------------------------------------- names and configs
+
+
+def hf_name(name):
+    """Our name for a checkpoint tensor name, or None for what is skipped."""
+    if name.startswith("transformer."):
+        name = name[len("transformer."):]
+    if _BUFFER.match(name) or name == "lm_head.weight":
+        return None
+    return name
+
+
+def config_from_hf(d):
+    """GPTConfig from a Hugging Face GPT-2 config.json dict."""
+    try:
+        cfg = GPTConfig(vocab_size=int(d["vocab_size"]), context_length=int(d.get("n_positions", d.get("n_ctx"))),
+                        emb_dim=int(d["n_embd"]), n_heads=int(d["n_head"]), n_layers=int(d["n_layer"]))
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"config.json lacks a GPT-2 field: {e}") from e
+    except ValueError as e:  # an impossible GPT-2 (e.g. n_embd not divisible by n_head)
+        raise CheckpointError(f"config.json: {e}") from e
+    eps = d.get("layer_norm_epsilon", 1e-5)
+    if abs(eps - 1e-5) > 1e-12:
+        raise CheckpointError(f"config.json: layer_norm_epsilon {eps} is not GPT-2's 1e-5")
+    return cfg
+
+
+def config_to_hf(cfg):
+    """The Hugging Face config.json dict of a GPTConfig."""
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_embd": cfg.emb_dim,
+            "n_head": cfg.n_heads, "n_layer": cfg.n_layers, "layer_norm_epsilon": 1e-5,
+            "activation_function": "gelu_new", "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate,
+            "attn_pdrop": cfg.drop_rate}
+
+
+def config_from_shapes(shapes, n_heads=None):
+    """Infer a GPTConfig from tensor shapes (n_heads: given, else emb_dim // 64 as in GPT-2)."""
+    try:
+        V, C = shapes["wte.weight"]
+        T = shapes["wpe.weight"][0]
+    except KeyError as e:
+        raise CheckpointError(f"not a GPT-2 checkpoint: no {e.args[0]} tensor") from e
+    layers = {int(m.group(1)) for n in shapes if (m := re.match(r"h\.(\d+)\.", n))}
+    return GPTConfig(vocab_size=V, context_length=T, emb_dim=C, n_heads=n_heads or max(1, C // 64),
+                     n_layers=len(layers), qkv_bias="h.0.attn.c_attn.bias" in shapes)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _open(path):
+    """safe_open a checkpoint, turning every way a file can be broken into CheckpointError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    header_len = int.from_bytes(head, "little") if len(head) == 8 else None
+    if header_len is None or header_len > size - 8 or header_len > 100_000_000:
+        raise CheckpointError(f"{path} is not a safetensors file (or is truncated): its header does not fit "
+                              f"in its {size:,} bytes")
+    try:
+        f = safe_open(str(path), framework="numpy")
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated "
+                              f"or not a checkpoint at all") from e
+    return f
+
+
+def _check_data_size(path):
+    """A truncated file can have an intact header: compare the data it promises with the size."""
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = Path(path).stat().st_size
+    if 8 + header_len + end > size:
+        raise CheckpointError(f"{path} is truncated: its header describes {8 + header_len + end:,} bytes, "
+                              f"the file has {size:,}")
+    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def read_header(path):
+    """name -> (shape, dtype) of the GPT-2 tensors in a checkpoint (buffers skipped, names
+    normalized), after checking the file is a complete safetensors file."""
+    _open(path)
+    entries = _check_data_size(path)
+    out = {}
+    for name, (shape, dtype) in entries.items():
+        ours = hf_name(name)
+        if ours is not None:
+            out[ours] = (shape, dtype, name)
+    return out
+
+
+def check_tensors(header, cfg, path):
+    """Raise one CheckpointError listing every missing, unexpected, misshapen or non-float tensor."""
+    expected = param_shapes(cfg)
+    problems = []
+
+    def listed(title, items):
+        if items:
+            more = f" (and {len(items) - 10} more)" if len(items) > 10 else ""
+            problems.append(f"{title} ({len(items)}): {', '.join(items[:10])}{more}")
+
+    listed("missing", [n for n in expected if n not in header])
+    listed("unexpected", [n for n in header if n not in expected])
+    listed("wrong shape", [f"{n} {header[n][0]} != {s}" for n, s in expected.items()
+                           if n in header and header[n][0] != tuple(s)])
+    listed("not float16/32/64 (NumPy has no bfloat16: convert the file first)",
+           [f"{n} {header[n][1]}" for n in header if n in expected and header[n][1] not in ("F16", "F32", "F64")])
+    if problems:
+        raise CheckpointError(f"{path} does not match a GPT-2 with {cfg}:\n  " + "\n  ".join(problems))
+
+
+def _read_config(path):
+    """GPTConfig from a config.json, or None when there is no such file."""
+    if not path.is_file():
+        return None
+    try:
+        return config_from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+
+
+def resolve_checkpoint(name_or_path, offline=None, progress=None):
+    """(model.safetensors path, config or None, name) for a preset, a file or a folder.
+
+    A preset is downloaded into $MINILORA_HOME/models/<preset>/ (the Hugging Face base
+    URL can be changed with $MINILORA_HF_ENDPOINT, e.g. for a mirror)."""
+    offline = is_offline() if offline is None else offline
+    text = str(name_or_path)
+    if text.startswith(("http://", "https://")):
+        return _download_url(text, offline, progress)
+    key = PRESET_ALIASES.get(text, text)
+    if key in PRESETS:
+        url = f"{os.environ.get('MINILORA_HF_ENDPOINT', HF_ENDPOINT).rstrip('/')}/{HF_REPOS[key]}/resolve/main/{WEIGHTS_NAME}"
+        dest = cache_dir("models", key, WEIGHTS_NAME)
+        path = download(url, dest, expected_size=KNOWN_SIZES.get(key), offline=offline, progress=progress)
+        return Path(path), GPTConfig.from_preset(key), key
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / WEIGHTS_NAME).is_file():
+            raise CheckpointError(f"{path} holds no {WEIGHTS_NAME}")
+        path = path / WEIGHTS_NAME
+    if path.is_file():  # a config.json beside the weights gives what shapes cannot (n_heads)
+        return path, _read_config(path.parent / CONFIG_NAME), text
+    raise ValueError(f"unknown model {name_or_path!r}: expected a preset ({', '.join(sorted(PRESETS))}), "
+                     f"a {WEIGHTS_NAME} file, or a folder holding {WEIGHTS_NAME} + {CONFIG_NAME}")
+
+
+def _download_url(url, offline, progress):
+    """A model.safetensors URL (or the URL of a folder holding one): download it, and the
+    config.json beside it when there is one, into $MINILORA_HOME/models/url-<hash>/."""
+    import hashlib
+
+    from .download import DownloadError
+
+    base = url[: -len(WEIGHTS_NAME)] if url.endswith(WEIGHTS_NAME) else url.rstrip("/") + "/"
+    folder = cache_dir("models", "url-" + hashlib.sha1(base.encode()).hexdigest()[:16])
+    path = download(base + WEIGHTS_NAME, folder / WEIGHTS_NAME, offline=offline, progress=progress)
+    cfg = None
+    try:
+        cfg = _read_config(Path(download(base + CONFIG_NAME, folder / CONFIG_NAME, offline=offline, progress=False)))
+    except DownloadError:
+        pass  # no config.json beside it: the tensors' shapes tell the configuration
+    return Path(path), cfg, url
+
+
+def load_pretrained(cls, name_or_path, dtype="float32", device=None, offline=None, progress=None):
+    """Build a `cls` (GPTModel) from pretrained weights; see GPTModel.from_pretrained."""
+    path, cfg, name = resolve_checkpoint(name_or_path, offline, progress)
+    header = read_header(path)
+    shapes = {n: s for n, (s, _, _) in header.items()}
+    inferred = config_from_shapes(shapes, n_heads=cfg.n_heads if cfg else None)
+    if cfg is None:
+        cfg = inferred
+    else:
+        wrong = [f"{k}: config says {getattr(cfg, k)}, tensors say {getattr(inferred, k)}"
+                 for k in ("vocab_size", "context_length", "emb_dim", "n_layers", "qkv_bias")
+                 if getattr(cfg, k) != getattr(inferred, k)]
+        if wrong:
+            raise CheckpointError(f"{path}: the configuration disagrees with the tensors:\n  " + "\n  ".join(wrong))
+    check_tensors(header, cfg, path)
+    model = cls(cfg, dtype=dtype, device=device, init=False)
+    f = _open(path)
+    for ours, (_, _, stored) in header.items():  # one tensor in host memory at a time
+        model.params[ours] = model._to_model(f.get_tensor(stored))
+    model.params = {n: model.params[n] for n in param_shapes(cfg)}  # checkpoint order
+    model.trainable = list(model.params)
+    model.name = name
+    return model
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def write_checkpoint(params, path, prefix="", buffers=False):
+    """Write a dict of arrays as a Hugging Face style model.safetensors, atomically.
+
+    prefix: prepended to every name (e.g. "transformer."). buffers: also write the
+    h.{i}.attn.bias causal-mask buffers that real Hugging Face files carry."""
+    from safetensors.numpy import save_file
+
+    from .backend import to_numpy
+
+    tensors = {prefix + n: np.ascontiguousarray(to_numpy(a)) for n, a in params.items()}
+    if buffers:
+        layers = {int(m.group(1)) for n in params if (m := re.match(r"h\.(\d+)\.", n))}
+        T = params["wpe.weight"].shape[0]
+        for i in layers:
+            tensors[f"{prefix}h.{i}.attn.bias"] = np.tril(np.ones((1, 1, T, T), dtype=np.float32))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def save_pretrained(model, folder):
+    """Write the base model as folder/model.safetensors + folder/config.json (HF layout)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = {n: model.params[n] for n in param_shapes(model.cfg)}
+    write_checkpoint(base, folder / WEIGHTS_NAME)
+    tmp = folder / f".{CONFIG_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(config_to_hf(model.cfg), indent=2))
+    os.replace(tmp, folder / CONFIG_NAME)
+    return folder
