@@ -93,8 +93,8 @@ def step_matmuls(cfg, batch, seq, rank, n_classes=2):
     return prods
 
 
-def matmul_floor(cfg, batch, seq, rank, xp, dtype, repeats=3):
-    """Seconds for the step's matrix products alone (median of `repeats`)."""
+def matmul_floor_fn(cfg, batch, seq, rank, xp, dtype):
+    """A function running the step's matrix products alone, on operands made once."""
     rng = np.random.default_rng(0)
 
     def operand(shape, transposed):
@@ -108,7 +108,7 @@ def matmul_floor(cfg, batch, seq, rank, xp, dtype, repeats=3):
         for a, b in operands:
             a @ b
 
-    return time_calls(run, xp, repeats)
+    return run
 
 
 def peak_step_memory(step, xp):
@@ -143,8 +143,22 @@ if framework == "minilora":
 else:
     from minilora.bench_torch import time_torch_step
     time_torch_step(cfg, batch, seq, rank, repeats=steps - 1, warmup=1)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+from minilora.bench import own_peak_rss
+print(json.dumps(own_peak_rss()))
 """
+
+
+def own_peak_rss():
+    """This process's peak resident memory in bytes. Linux: VmHWM, the high-water mark of
+    this very address space (ru_maxrss would also count the parent's memory at fork)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_rss(framework="minilora", preset="gpt2-small", batch=8, seq=120, rank=16, steps=2):
@@ -200,15 +214,22 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
     cfg = GPTConfig.from_preset(preset)
     model, step = build_step(cfg, batch, seq, rank, device, dtype)
     xp = model.xp
-    step_s = time_calls(step, xp, repeats, warmup=2)
-    floor_s = matmul_floor(cfg, batch, seq, rank, xp, dtype)
+    # step and floor alternate, round by round, so that a slow spell of a noisy machine
+    # hits both; the ratio is the median of the per-round ratios
+    floor_fn = matmul_floor_fn(cfg, batch, seq, rank, xp, dtype)
+    for fn in (step, step, floor_fn):  # warm-up
+        fn()
+    rounds = [(time_calls(step, xp, 1, warmup=0), time_calls(floor_fn, xp, 1, warmup=0)) for _ in range(repeats)]
+    step_s = float(np.median([s for s, _ in rounds]))
+    floor_s = float(np.median([f for _, f in rounds]))
     report = {
         "device": device, "model": preset, "batch": batch, "seq": seq, "rank": rank, "dtype": dtype,
         "trainable_params": model.num_params(trainable_only=True), "total_params": model.num_params(),
         "step_seconds": step_s, "tokens_per_second": batch * seq / step_s,
-        "matmul_floor_seconds": floor_s, "step_over_floor": step_s / floor_s,
+        "matmul_floor_seconds": floor_s,
+        "step_over_floor": float(np.median([s / f for s, f in rounds])),
         "step_peak_bytes": peak_step_memory(step, xp),
-        "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "process_peak_rss_bytes": own_peak_rss(),
     }
     if breakdown:
         report["breakdown_seconds"] = layer_breakdown(step)

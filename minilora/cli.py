@@ -99,6 +99,43 @@ def cmd_generate(args):
     return 0
 
 
+def cmd_bench(args):
+    from .bench import memory_by_batch, peak_rss, run_benchmark
+
+    report = run_benchmark(args.model, args.batch_size, args.seq, args.rank, args.device, args.dtype,
+                           repeats=args.repeats, generation=not args.no_generation, torch=not args.no_torch)
+    if args.memory:
+        report["memory_by_batch"] = memory_by_batch(args.model, seq=args.seq, rank=args.rank, device=args.device)
+        if report["device"] == "cpu":
+            report["peak_rss_bytes"] = peak_rss("minilora", args.model, args.batch_size, args.seq, args.rank)
+            if report.get("torch"):
+                report["torch_peak_rss_bytes"] = peak_rss("torch", args.model, args.batch_size, args.seq, args.rank)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    r = report
+    print(f"LoRA training step, {r['model']} (random weights), rank {r['rank']} on every linear, 2-class head, "
+          f"AdamW, batch {r['batch']} x {r['seq']} tokens, {r['dtype']}, {r['device']}")
+    print(f"  step (median):        {r['step_seconds']:.3f} s   ({r['tokens_per_second']:.0f} tokens/s)")
+    print(f"  matmul floor:         {r['matmul_floor_seconds']:.3f} s   step / floor = {r['step_over_floor']:.2f}")
+    if r.get("torch"):
+        print(f"  PyTorch {r['torch']['torch_version']} eager: {r['torch']['torch_step_seconds']:.3f} s   "
+              f"step / torch = {r['step_over_torch']:.2f}")
+    print(f"  step peak allocation: {r['step_peak_bytes'] / 2**20:.0f} MiB beyond the parameters")
+    if "peak_rss_bytes" in r:
+        torch_rss = f"   (PyTorch {r['torch_peak_rss_bytes'] / 2**30:.2f} GiB)" if "torch_peak_rss_bytes" in r else ""
+        print(f"  peak RSS, fresh process: {r['peak_rss_bytes'] / 2**30:.2f} GiB{torch_rss}")
+    for row in r.get("memory_by_batch", []):
+        print(f"    batch {row['batch']:>2}: step peak {row['step_peak_bytes'] / 2**20:8.0f} MiB")
+    if "generate_tokens_per_second" in r:
+        print(f"  greedy generation:    {r['generate_tokens_per_second']:.1f} tokens/s with the KV cache, "
+              f"{r['generate_tokens_per_second_no_kv_cache']:.1f} without")
+    print("  time by layer function (one step):")
+    for name, sec in list(r.get("breakdown_seconds", {}).items())[:12]:
+        print(f"    {name:<24} {sec:7.3f} s")
+    return 0
+
+
 def _common(p, model_default="gpt2-small"):
     p.add_argument("--model", default=model_default,
                    help="preset name (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl; downloaded and cached), "
@@ -168,6 +205,23 @@ def build_parser():
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="time a LoRA training step against its matmul floor (and PyTorch)",
+                       description="Benchmark the appendix E LoRA training step (random weights): median step "
+                                   "time, the matmul floor measured in the same process, PyTorch eager when it "
+                                   "is installed, peak memory, a per-layer breakdown and generation speed.")
+    p.add_argument("--model", default="gpt2-small", help="preset whose shape to use (random weights)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: $MINILORA_DEVICE or cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq", type=int, default=120)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps after 2 warm-up steps")
+    p.add_argument("--memory", action="store_true", help="also peak memory over batch 1..16 and peak RSS")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--no-generation", action="store_true", help="skip the generation timing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("gradcheck", help="check every backward pass against finite differences (offline)",
                        description="Check every layer's backward and the whole model (with and without "

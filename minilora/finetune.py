@@ -161,7 +161,7 @@ def _prepare_run_folder(out, opts, log):
             return True
         log(f"{out} has no checkpoint yet: starting the run afresh")
         return False
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != "run_config.json" for p in out.iterdir()):  # a run got under way
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose "
                               f"another --output-dir")
     out.mkdir(parents=True, exist_ok=True)
