@@ -110,3 +110,31 @@ def test_clear_errors(minilora_home, tmp_path, capsys, refused_url):
     bad.write_text("just one column\n")
     assert finetune("--data", bad, "--output-dir", tmp_path / "c") == 1
     assert str(bad) in capsys.readouterr().err
+
+
+def test_finetune_on_a_users_three_class_csv(minilora_home, tiny_checkpoint, tmp_path, capsys):
+    rows = ["text,label"]
+    words = {"sport": "goal match team score", "food": "pizza pasta bread cheese", "tech": "laptop code chip cloud"}
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        label = list(words)[i % 3]
+        rows.append(f"\"{' '.join(rng.permutation(words[label].split()))} number {i}\",{label}")
+    (tmp_path / "mine.csv").write_text("\n".join(rows) + "\n")
+    assert finetune("--model", tiny_checkpoint, "--data", tmp_path / "mine.csv", "--output-dir", tmp_path / "run",
+                    "--pad", "longest_in_batch", "--pool", "last_real", "--offline") == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["classes"] == ["food", "sport", "tech"]
+    assert (metrics["train_examples"], metrics["val_examples"], metrics["test_examples"]) == (42, 6, 12)
+    assert "classes ['food', 'sport', 'tech']" in capsys.readouterr().out
+    capsys.readouterr()
+    assert cli.main(["classify", "--adapter", str(tmp_path / "run" / "adapter"), "--model", str(tiny_checkpoint),
+                     "--pool", "last_real", "--offline", "pizza cheese"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] in ("food", "sport", "tech")
+
+
+def test_generate_command(minilora_home, tiny_checkpoint, capsys):
+    assert cli.main(["generate", "--model", str(tiny_checkpoint), "--offline", "--max-new-tokens", "5",
+                     "Every effort moves you"]) == 0
+    assert capsys.readouterr().out.startswith("Every effort moves you")
+    assert cli.main(["generate", "--model", str(tiny_checkpoint), "--offline", "--temperature", "1.0",
+                     "--top-k", "5", "--seed", "1", "Hello"]) == 0
