@@ -45,6 +45,7 @@ class TrainConfig:
     eval_iter: int = 5  # batches per evaluation (losses and epoch accuracies)
     pool: str = "last"  # "last": position -1, as the book; "last_real": the last real token
     max_grad_norm: float = None  # clip gradients to this global norm (None: off, as the book)
+    sync_every: int = None  # read losses back to the host every N steps (None: 1 on CPU, eval_freq on GPU)
 
     def __post_init__(self):
         if self.pool not in POOLS:
@@ -133,22 +134,39 @@ def train_classifier(model, opt, train_loader, val_loader, config=None, *, check
         state.segment_seconds = time.perf_counter() - t_start
         state.seconds = seconds_before + state.segment_seconds
 
+    # losses stay on the device until read back together: on a GPU that is the one host
+    # round trip of training, made every eval_freq steps; on the CPU it is free, every step
+    pending = []  # (history row, 0-d loss array)
+    sync_every = config.sync_every or (1 if model.device == "cpu" else config.eval_freq)
+
+    def flush():
+        if not pending:
+            return
+        values = to_numpy(model.xp.stack([loss for _, loss in pending])).astype(float)
+        for (row, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"loss became {value} at step {row['step']} (epoch {row['epoch']}); the parameters "
+                    f"are no longer usable. The last good checkpoint is kept"
+                    f"{' in ' + str(checkpoint_dir) if checkpoint_dir else ''}; try a lower learning rate.")
+            row["batch_loss"] = float(value)
+        pending.clear()
+        bar.set_postfix(loss=f"{values[-1]:.3f}", refresh=False)
+
     model.train()
     try:
         while state.epoch < config.epochs:
             for idx, labels, last_index in train_loader.epoch_batches(state.epoch, start=state.batch):
                 loss = train_step(model, opt, idx, labels, last_index, config.pool)
-                loss = float(loss)
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss} at step {state.step} (epoch {state.epoch + 1}); the parameters "
-                        f"are no longer usable. The last good checkpoint is kept"
-                        f"{' in ' + str(checkpoint_dir) if checkpoint_dir else ''}; try a lower learning rate.")
                 state.examples_seen += len(labels)
-                state.history.append({"step": state.step, "epoch": state.epoch + 1,
-                                      "examples_seen": state.examples_seen, "lr": opt.last_lr,
-                                      "batch_loss": loss})
+                row = {"step": state.step, "epoch": state.epoch + 1, "examples_seen": state.examples_seen,
+                       "lr": opt.last_lr, "batch_loss": None}
+                state.history.append(row)
+                pending.append((row, loss))
+                if len(pending) >= sync_every:
+                    flush()
                 if state.step % config.eval_freq == 0:
+                    flush()
                     tr = evaluate(model, train_loader.epoch_batches(state.epoch), config.eval_iter, config.pool)
                     va = evaluate(model, val_loader.epoch_batches(0), config.eval_iter, config.pool)
                     state.evals.append({"step": state.step, "epoch": state.epoch + 1,
@@ -159,7 +177,7 @@ def train_classifier(model, opt, train_loader, val_loader, config=None, *, check
                 state.step += 1
                 state.batch += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            flush()
             tr_acc = evaluate(model, train_loader.epoch_batches(state.epoch), config.eval_iter, config.pool)[1]
             va_acc = evaluate(model, val_loader.epoch_batches(0), config.eval_iter, config.pool)[1]
             state.epochs.append({"epoch": state.epoch + 1, "examples_seen": state.examples_seen,
@@ -175,6 +193,7 @@ def train_classifier(model, opt, train_loader, val_loader, config=None, *, check
         if checkpoint_dir:
             save_checkpoint(checkpoint_dir, model, opt, state)
     except KeyboardInterrupt:
+        flush()
         clock()
         if checkpoint_dir:
             save_checkpoint(checkpoint_dir, model, opt, state)

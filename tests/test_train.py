@@ -91,6 +91,7 @@ def test_interrupted_run_resumes_to_the_same_result(sms_data, tiny_sms_cfg, tmp_
     assert not list(tmp_path.glob("ckpt.*"))  # no temporary or old checkpoint folders left
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(sms_data, tiny_sms_cfg, tmp_path, monkeypatch):
     model, opt = fresh(tiny_sms_cfg)
     train, val, _ = small_loaders(sms_data)
@@ -112,3 +113,47 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(sms_data, ti
     ml.remove_lora(model2)
     load_checkpoint(tmp_path / "ckpt", model2, opt2)
     assert all(np.isfinite(model2.params[n]).all() for n in model2.trainable)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the poisoned weight makes NaNs on purpose
+def test_losses_read_back_in_groups_are_the_same(sms_data, tiny_sms_cfg, monkeypatch):
+    """The GPU mode (losses kept on the device, read every N steps) records the same history
+    and still stops on the first non-finite loss, naming its step."""
+    train, val, _ = small_loaders(sms_data)
+    runs = []
+    for sync_every in (1, 7):
+        model, opt = fresh(tiny_sms_cfg)
+        runs.append(train_classifier(model, opt, train, val, TrainConfig(epochs=1, eval_iter=1, sync_every=sync_every),
+                                     progress=False))
+    assert [h["batch_loss"] for h in runs[0].history] == [h["batch_loss"] for h in runs[1].history]
+    real_step, calls = train_mod.train_step, []
+
+    def poisoned(model_, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            model_.params["h.1.mlp.c_fc.lora_A"][0, 0] = np.inf
+        return real_step(model_, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", poisoned)
+    model, opt = fresh(tiny_sms_cfg)
+    with pytest.raises(TrainingDiverged, match="at step 9 "):
+        train_classifier(model, opt, train, val, TrainConfig(epochs=1, eval_iter=1, sync_every=7), progress=False)
+
+
+def test_last_real_token_pooling_does_not_depend_on_padding(sms_data, tiny_sms_cfg):
+    """Attention is causal, so the logits at the last real token ignore the pads after it:
+    book padding and per-batch padding give the same training run."""
+    from dataclasses import replace
+
+    results = []
+    for pad in ("dataset", "longest_in_batch"):
+        train = replace(sms_data.train, texts=sms_data.train.texts[:80], labels=sms_data.train.labels[:80],
+                        token_ids=sms_data.train.token_ids[:80])
+        tl, vl, _ = make_loaders(replace(sms_data, train=train), 8, seed=123, pad_to=pad)
+        model, opt = fresh(tiny_sms_cfg)
+        state = train_classifier(model, opt, tl, vl, TrainConfig(epochs=1, eval_iter=2, pool="last_real"),
+                                 progress=False)
+        results.append(state)
+    a, b = results
+    np.testing.assert_allclose([h["batch_loss"] for h in a.history], [h["batch_loss"] for h in b.history], rtol=1e-4)
+    assert a.epochs[0]["val_accuracy"] == b.epochs[0]["val_accuracy"]
