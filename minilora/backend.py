@@ -48,6 +48,11 @@ def resolve_dtype(dtype):
 def _import_cupy():
     global _cupy
     if _cupy is None:
+        if os.environ.get("MINILORA_ALLOW_TF32") == "1":
+            # float32 matmuls on tensor cores (TF32, ~10-bit mantissa): faster, less exact.
+            # Off by default, which is CuPy's default too; CuPy reads this when it first
+            # multiplies float32 matrices.
+            os.environ.setdefault("CUPY_TF32", "1")
         try:
             import cupy
         except ImportError as e:

@@ -31,8 +31,9 @@ from .model import GPTConfig, GPTModel
 from .optim import AdamW
 
 
-def build_step(cfg, batch=8, seq=120, rank=16, device=None, dtype="float32", seed=0, pool_last=True):
-    """(model, step function, inputs) for the appendix E LoRA step at this shape."""
+def build_step(cfg, batch=8, seq=120, rank=16, device=None, dtype="float32", seed=0):
+    """(model, step function) for the appendix E LoRA step at this shape; the step
+    function takes train=False to run the evaluation forward (no cache, no update)."""
     model = GPTModel(cfg, seed=seed, dtype=dtype, device=device).replace_head(2)
     apply_lora(model, rank=rank, alpha=rank)
     opt = AdamW(model, lr=8e-4, weight_decay=0.1)
@@ -41,7 +42,9 @@ def build_step(cfg, batch=8, seq=120, rank=16, device=None, dtype="float32", see
     labels = model.xp.asarray(rng.integers(0, 2, batch))
     positions = np.full(batch, seq - 1)
 
-    def step():
+    def step(train=True):
+        if not train:
+            return model.forward(idx, keep_cache=False, positions=positions)
         logits = model.forward(idx, positions=positions)  # [B, 2]
         loss, cache = cross_entropy_forward(logits, labels)
         opt.step(model.backward(cross_entropy_backward(1.0, cache)[0]))
@@ -207,6 +210,18 @@ def generation_speed(cfg, device=None, prompt_len=4, new_tokens=30, seed=0, kv_c
     return new_tokens / (time.perf_counter() - t)
 
 
+def appendix_e_seconds(step_s, eval_s, epochs=5, train_batches=130, val_batches=19, test_batches=38,
+                      eval_freq=50, eval_iter=5):
+    """Projected wall time of the whole appendix E run (book padding) from the time of one
+    training step and one evaluation batch: every step, the loss evaluations every
+    eval_freq steps (eval_iter train + val batches), the epoch accuracies, and the final
+    accuracy over the full train (drop_last), validation and test splits."""
+    steps = epochs * train_batches
+    evals = len(range(0, steps, eval_freq))
+    eval_batches = 2 * eval_iter * (evals + epochs) + train_batches + val_batches + test_batches
+    return steps * step_s + eval_batches * eval_s
+
+
 def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, dtype="float32",
                   repeats=5, breakdown=True, generation=True, torch=True):
     """The full report as a dict (see the module docstring)."""
@@ -222,12 +237,15 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
     rounds = [(time_calls(step, xp, 1, warmup=0), time_calls(floor_fn, xp, 1, warmup=0)) for _ in range(repeats)]
     step_s = float(np.median([s for s, _ in rounds]))
     floor_s = float(np.median([f for _, f in rounds]))
+    eval_s = time_calls(lambda: step(train=False), xp, repeats)
     report = {
         "device": device, "model": preset, "batch": batch, "seq": seq, "rank": rank, "dtype": dtype,
         "trainable_params": model.num_params(trainable_only=True), "total_params": model.num_params(),
         "step_seconds": step_s, "tokens_per_second": batch * seq / step_s,
         "matmul_floor_seconds": floor_s,
         "step_over_floor": float(np.median([s / f for s, f in rounds])),
+        "eval_batch_seconds": eval_s,
+        "appendix_e_projected_seconds": appendix_e_seconds(step_s, eval_s),
         "step_peak_bytes": peak_step_memory(step, xp),
         "process_peak_rss_bytes": own_peak_rss(),
     }
