@@ -365,7 +365,7 @@ class GPTModel:
             dm = self._linear_backward(h + "mlp.c_fc", dm, c_fc, grads)
             dm, dw, db = layernorm_backward(dm, c_ln2, self._trains(h + "ln_2."))
             self._accumulate_pair(grads, h + "ln_2.", dw, db)
-            dx = dx + dm
+            dx += dm  # in place: dx is this backward's own array, held by no cache
             # x = x + a: likewise for the attention branch
             (da,) = dropout_backward(dx, c_drop1)
             da = self._linear_backward(h + "attn.c_proj", da, c_proj, grads)
@@ -373,7 +373,7 @@ class GPTModel:
             da = self._linear_backward(h + "attn.c_attn", da, c_qkv, grads)
             da, dw, db = layernorm_backward(da, c_ln1, self._trains(h + "ln_1."))
             self._accumulate_pair(grads, h + "ln_1.", dw, db)
-            dx = dx + da
+            dx += da
         if "wte.weight" in train or "wpe.weight" in train:  # frozen embeddings: no scatter-add
             (dx,) = dropout_backward(dx, c_drop)
             dwte, dwpe = embedding_backward(dx, c_emb)
