@@ -44,14 +44,14 @@ def lora_forward(x, A, B, scale, dropout_p=0.0, rng=None):
     return delta.reshape(*lead, B.shape[1]), (x_d, A, B, xa, scale, drop_cache)
 
 
-def lora_backward(dout, cache):
+def lora_backward(dout, cache, need_dx=True):
     """Gradients of delta = s * (x_d @ A) @ B, with g = dout @ B^T of shape (..., r):
 
       dB = s * (x_d A)^T dout        (r, out)   summed over every row
       dA = s * x_d^T g               (in, r)
       dx = s * g A^T                 (..., in)  then through the dropout mask
     Going through the rank-r bottleneck first (g, then g A^T) keeps every product
-    thin: no (in, out) matrix is ever formed.
+    thin: no (in, out) matrix is ever formed. need_dx=False skips dx (None).
     """
     x_d, A, B, xa, scale, drop_cache = cache
     n_in, r = A.shape
@@ -61,6 +61,8 @@ def lora_backward(dout, cache):
     dB = (xa.T @ d2) * s  # [r, N] @ [N, out] -> [r, out]
     g = (d2 @ B.T) * s  # [N, out] @ [out, r] -> [N, r]
     dA = x_d.reshape(-1, n_in).T @ g  # [in, N] @ [N, r] -> [in, r]
+    if not need_dx:  # nothing upstream trains: skip dx (returned as None)
+        return None, dA, dB
     dx = (g @ A.T).reshape(*dout.shape[:-1], n_in)  # [N, r] @ [r, in] -> [..., in]
     (dx,) = dropout_backward(dx, drop_cache)
     return dx, dA, dB

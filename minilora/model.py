@@ -261,17 +261,19 @@ class GPTModel:
             lora_caches.append((ad, c))
         return y, (cache, lora_caches)
 
-    def _linear_backward(self, name, dout, cache, grads):
-        """dx for the linear `name`; its weight/bias/LoRA gradients go into `grads`."""
+    def _linear_backward(self, name, dout, cache, grads, need_dx=True):
+        """dx for the linear `name` (None when need_dx is False); its weight/bias/LoRA
+        gradients go into `grads`."""
         base_cache, lora_caches = cache
         train = self._trainable_set
-        dx, dw, db = linear_backward(dout, base_cache, need_dw=name + ".weight" in train,
+        dx, dw, db = linear_backward(dout, base_cache, need_dx=need_dx, need_dw=name + ".weight" in train,
                                      need_db=name + ".bias" in train and name + ".bias" in self.params)
         self._accumulate(grads, name + ".weight", dw)
         self._accumulate(grads, name + ".bias", db)
         for ad, c in lora_caches:
-            dx_lora, dA, dB = lora_backward(dout[..., ad.cols], c)
-            dx += dx_lora
+            dx_lora, dA, dB = lora_backward(dout[..., ad.cols], c, need_dx=need_dx)
+            if need_dx:
+                dx += dx_lora
             self._accumulate(grads, ad.prefix + ".lora_A", dA)
             self._accumulate(grads, ad.prefix + ".lora_B", dB)
         return dx
@@ -355,8 +357,14 @@ class GPTModel:
         if rows is not None:  # only the selected rows received gradient
             dx_rows, dx = dx, self.xp.zeros(c_emb[0].shape + (self.cfg.emb_dim,), dtype=dx.dtype)
             dx[rows] = dx_rows
-        for i in reversed(range(self.cfg.n_layers)):
+        # Frozen means no work: below the lowest block that trains anything, and under a
+        # frozen embedding, no gradient is needed, so the backward stops there.
+        embeddings_train = "wte.weight" in train or "wpe.weight" in train
+        trained_blocks = [int(n.split(".")[1]) for n in train if n.startswith("h.")]
+        lowest = 0 if embeddings_train else min(trained_blocks, default=self.cfg.n_layers)
+        for i in reversed(range(lowest, self.cfg.n_layers)):
             h = f"h.{i}."
+            below = i > lowest or embeddings_train  # does anything under block i train?
             c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2 = blocks.pop()
             # x = x + m: the residual passes dx straight through and into the MLP branch
             (dm,) = dropout_backward(dx, c_drop2)
@@ -366,15 +374,20 @@ class GPTModel:
             dm, dw, db = layernorm_backward(dm, c_ln2, self._trains(h + "ln_2."))
             self._accumulate_pair(grads, h + "ln_2.", dw, db)
             dx += dm  # in place: dx is this backward's own array, held by no cache
+            if not below and not any(n.startswith((h + "attn.", h + "ln_1.")) for n in train):
+                break  # the attention branch and everything under it are frozen
             # x = x + a: likewise for the attention branch
             (da,) = dropout_backward(dx, c_drop1)
             da = self._linear_backward(h + "attn.c_proj", da, c_proj, grads)
             (da,) = attention_backward(da, c_att)
-            da = self._linear_backward(h + "attn.c_attn", da, c_qkv, grads)
-            da, dw, db = layernorm_backward(da, c_ln1, self._trains(h + "ln_1."))
+            ln1_trains = self._trains(h + "ln_1.")
+            da = self._linear_backward(h + "attn.c_attn", da, c_qkv, grads, need_dx=below or ln1_trains)
+            if da is None:
+                break  # the bottom of what trains: nothing below needs dx
+            da, dw, db = layernorm_backward(da, c_ln1, ln1_trains)
             self._accumulate_pair(grads, h + "ln_1.", dw, db)
             dx += da
-        if "wte.weight" in train or "wpe.weight" in train:  # frozen embeddings: no scatter-add
+        if embeddings_train:  # frozen embeddings: no scatter-add
             (dx,) = dropout_backward(dx, c_drop)
             dwte, dwpe = embedding_backward(dx, c_emb)
             if "wte.weight" in train:

@@ -64,9 +64,11 @@ def test_same_seed_same_adapters(tiny_cfg):
     assert not np.array_equal(a.params["h.0.mlp.c_fc.lora_A"], c.params["h.0.mlp.c_fc.lora_A"])
 
 
-@pytest.mark.parametrize("targets", ["all", "attention", ["c_fc", "out_head"]])
-def test_lora_gradients_match_finite_differences(device, tiny_cfg, tiny_idx, targets):
-    model = lora_model(tiny_cfg, device=device, targets=targets)
+@pytest.mark.parametrize("targets, layers", [("all", None), ("attention", None), (["c_fc", "out_head"], None),
+                                             (["c_fc"], [1]), (["c_proj"], [1]), ("attention", [1])])
+def test_lora_gradients_match_finite_differences(device, tiny_cfg, tiny_idx, targets, layers):
+    """Also on subsets, where the backward stops early under the lowest trained layer."""
+    model = lora_model(tiny_cfg, device=device, targets=targets, layers=layers)
     randomize_B(model)
     r = check_model(model, tiny_idx, "gpt2_lora")
     assert set(r.errors) == set(model.lora.param_names)

@@ -25,6 +25,14 @@ def test_classifier_head_and_partial_freezing_gradients(device, tiny_cfg, tiny_i
     assert r.max_rel_error < MODEL_TOL
 
 
+def test_only_the_head_trains(tiny_cfg, tiny_idx):
+    """Nothing under the head trains: the backward does no block work and is still exact."""
+    model = ml.GPTModel(tiny_cfg, seed=4, dtype="float64").replace_head(3)
+    model.trainable = ["out_head.weight", "out_head.bias", "ln_f.weight"]
+    r = check_model(model, tiny_idx, "head_only")
+    assert r.max_rel_error < MODEL_TOL and set(r.errors) == set(model.trainable)
+
+
 def test_backward_returns_only_trainable_names(tiny_cfg, tiny_idx):
     model = ml.GPTModel(tiny_cfg, dtype="float64")
     model.freeze()
