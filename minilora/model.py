@@ -320,7 +320,8 @@ class GPTModel:
             m, c_mproj = self._linear_forward(h + "mlp.c_proj", m)  # [B, T, C]
             m, c_drop2 = dropout_forward(m, drop, rng)
             x = x + m  # residual
-            blocks.append((c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2))
+            if keep_cache:  # else each block's activations are freed as soon as the next one runs
+                blocks.append((c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2))
         if rows is not None:
             x = x[rows]  # [B, T, C] -> [B, C]: only where the loss reads
         x, c_lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], LN_EPS)
