@@ -171,3 +171,21 @@ def test_positions_select_rows_and_keep_exact_gradients(device, tiny_cfg, tiny_i
         assert rel_error(grads[n], numerical_gradient(loss, model.params[n])) < 1e-7, n
     with pytest.raises(ValueError, match="positions"):
         model.forward(tiny_idx, positions=np.array([5, 0]))
+
+
+def test_evaluation_forward_keeps_no_activations():
+    """keep_cache=False frees each block's activations as the next block runs, so its peak
+    memory stays near one block's, while training keeps every block's for backward."""
+    import tracemalloc
+
+    cfg = ml.GPTConfig(vocab_size=50, context_length=64, emb_dim=64, n_heads=4, n_layers=8)
+    model = ml.GPTModel(cfg, seed=0)
+    idx = np.random.default_rng(0).integers(0, 50, (4, 64))
+    peaks = {}
+    for keep in (True, False):
+        model._cache = None
+        tracemalloc.start()
+        model.forward(idx, keep_cache=keep)
+        peaks[keep] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[False] < peaks[True] / 3, peaks
