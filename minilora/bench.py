@@ -117,8 +117,10 @@ def matmul_floor_fn(cfg, batch, seq, rank, xp, dtype):
 def peak_step_memory(step, xp):
     """Bytes the step allocates at its peak beyond what was already allocated (CPU:
     tracemalloc, which NumPy reports every buffer to; CUDA: the memory pool)."""
-    if xp is not np:
+    if xp is not np:  # a freshly emptied pool grows to the step's peak and keeps it
         pool = xp.get_default_memory_pool()
+        _sync(xp)
+        pool.free_all_blocks()
         before = pool.used_bytes()
         step()
         _sync(xp)
