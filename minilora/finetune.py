@@ -170,15 +170,16 @@ def _prepare_run_folder(out, opts, log):
 
 
 def history_csv(state):
-    """The per-step history as CSV text: step, epoch, examples_seen, lr, batch_loss, and
-    train_loss / val_loss / train_accuracy / val_accuracy where they were measured."""
+    """The per-step history as CSV text: step, epoch, examples_seen, seconds (training wall
+    time at the end of the step), lr, batch_loss, and train_loss / val_loss / train_accuracy /
+    val_accuracy where they were measured."""
     evals = {e["step"]: e for e in state.evals}
     epoch_end = {}
     for e in state.epochs:
         last = max((h["step"] for h in state.history if h["epoch"] == e["epoch"]), default=None)
         epoch_end[last] = e
     buf = io.StringIO()
-    cols = ["step", "epoch", "examples_seen", "lr", "batch_loss", "train_loss", "val_loss",
+    cols = ["step", "epoch", "examples_seen", "seconds", "lr", "batch_loss", "train_loss", "val_loss",
             "train_accuracy", "val_accuracy"]
     writer = csv.DictWriter(buf, cols, extrasaction="ignore")
     writer.writeheader()

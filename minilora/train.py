@@ -159,8 +159,9 @@ def train_classifier(model, opt, train_loader, val_loader, config=None, *, check
             for idx, labels, last_index in train_loader.epoch_batches(state.epoch, start=state.batch):
                 loss = train_step(model, opt, idx, labels, last_index, config.pool)
                 state.examples_seen += len(labels)
+                clock()
                 row = {"step": state.step, "epoch": state.epoch + 1, "examples_seen": state.examples_seen,
-                       "lr": opt.last_lr, "batch_loss": None}
+                       "lr": opt.last_lr, "batch_loss": None, "seconds": round(state.seconds, 3)}
                 state.history.append(row)
                 pending.append((row, loss))
                 if len(pending) >= sync_every:
