@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .adapters import save_adapter
+from .backend import resolve_device
 from .lora import apply_lora
 from .model import GPTModel
 from .optim import AdamW
@@ -95,6 +96,7 @@ def build_model(opts, num_classes, log):
 
 def run_finetune(opts, log=print, progress=None):
     """Run (or resume) the job; returns the metrics dict. `log` receives the lines to print."""
+    resolve_device(opts.device)  # a missing CuPy or GPU is reported before any work is done
     out = Path(opts.output_dir)
     ckpt = out / "checkpoint"
     resume = _prepare_run_folder(out, opts, log)

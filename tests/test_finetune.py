@@ -141,3 +141,10 @@ def test_generate_command(minilora_home, tiny_checkpoint, capsys):
     assert capsys.readouterr().out.startswith("Every effort moves you")
     assert cli.main(["generate", "--model", str(tiny_checkpoint), "--offline", "--temperature", "1.0",
                      "--top-k", "5", "--seed", "1", "Hello"]) == 0
+
+
+@pytest.mark.skipif(ml.cuda_available(), reason="a GPU is present")
+def test_cuda_without_cupy_fails_before_any_work(tmp_path, capsys):
+    assert finetune("--device", "cuda", "--output-dir", tmp_path / "run") == 1
+    assert "minilora[cuda12]" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
