@@ -9,7 +9,10 @@ Random numbers always come from NumPy's seeded generator and are then moved to
 the device, so that a CPU run and a GPU run start from the same values.
 """
 
+import cProfile
 import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -141,3 +144,88 @@ def to_numpy(x):
     if _cupy is not None and isinstance(x, _cupy.ndarray):
         return _cupy.asnumpy(x)
     return np.asarray(x)
+
+
+# ---------------------------------------------------------------- CPU threads
+
+_pool = None  # the thread pool of run_parallel, made on first use
+_blas = None  # threadpoolctl's handle on the BLAS libraries NumPy loaded
+
+
+def cpu_threads():
+    """Cores this process may use: $MINILORA_NUM_THREADS, else its CPU affinity."""
+    env = os.environ.get("MINILORA_NUM_THREADS")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"MINILORA_NUM_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def batch_shards(batch, device="cpu"):
+    """Slices that split a batch of `batch` sequences into one shard per core.
+
+    On the CPU, BLAS already spreads a big matrix product over the cores, but NumPy's
+    elementwise work (softmax, GELU, layernorm, the adds) runs on one core, and the
+    attention products are too small for BLAS to split. Running shards of the batch
+    side by side in threads (NumPy releases the GIL inside its loops) puts every core
+    on all of it. On a GPU, one shard.
+    """
+    n = 1 if device == "cuda" else max(1, min(batch, cpu_threads()))
+    bounds = [batch * i // n for i in range(n + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def run_parallel(fn, items):
+    """[fn(*item) for item in items], the items in parallel threads when there are
+    several; results in order, and the first exception raised is re-raised here.
+
+    While the threads run, BLAS gets cpu_threads() // len(items) threads of its own
+    (one each on 2 cores): left at its default, every thread's matrix product would
+    start a full team of BLAS threads and the cores would be oversubscribed (measured:
+    the sharded GPT-2 small step 3.7 s instead of 2.1 s). The BLAS setting is the
+    process's, so other threads' products see it too until the items are done.
+    """
+    if len(items) == 1 and _profiles is None:
+        return [fn(*items[0])]
+    call = _profiled(fn) if _profiles is not None else (lambda item: fn(*item))
+    global _pool, _blas
+    if _pool is None:
+        from threadpoolctl import ThreadpoolController
+
+        _pool = ThreadPoolExecutor(max_workers=cpu_threads(), thread_name_prefix="minilora")
+        _blas = ThreadpoolController()
+    with _blas.limit(limits=max(1, cpu_threads() // len(items)), user_api="blas"):
+        return list(_pool.map(call, items))
+
+
+_profiles = None  # while profile_threads() is on: one cProfile.Profile per call run_parallel makes
+
+
+@contextmanager
+def profile_threads():
+    """Profile every call run_parallel makes, each in a pool thread (cProfile sees only
+    the thread that enables it, and one profiler per thread). Yields the list the
+    profiles are added to."""
+    global _profiles
+    _profiles = profiles = []
+    try:
+        yield profiles
+    finally:
+        _profiles = None
+
+
+def _profiled(fn):
+    def call(item):
+        profile = cProfile.Profile()
+        _profiles.append(profile)
+        profile.enable()
+        try:
+            return fn(*item)
+        finally:
+            profile.disable()
+
+    return call

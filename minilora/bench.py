@@ -5,8 +5,9 @@ on every linear, AdamW, batch 8 x 120 tokens, float32. Reported, all from one pr
 so that the ratios are meaningful on a noisy machine:
 
 - the median step time after a warm-up, and tokens per second;
-- the matmul floor: the step's own matrix products (the same shapes and layouts),
-  timed alone; step / floor says how much time goes elsewhere;
+- the matmul floor: the step's own matrix products (the same shapes and layouts, in
+  the same batch shards side by side), timed alone; step / floor says how much time
+  goes elsewhere;
 - the peak memory the step allocates (tracemalloc sees every NumPy buffer) and the
   process's peak resident set;
 - a breakdown of the step's time by layer function (cProfile);
@@ -96,8 +97,9 @@ def step_matmuls(cfg, batch, seq, rank, n_classes=2):
     return prods
 
 
-def matmul_floor_fn(cfg, batch, seq, rank, xp, dtype):
-    """A function running the step's matrix products alone, on operands made once."""
+def matmul_floor_fn(cfg, batch, seq, rank, xp, dtype, device="cpu"):
+    """A function running the step's matrix products alone, on operands made once, the
+    way the step runs them: split into the model's batch shards, side by side."""
     rng = np.random.default_rng(0)
 
     def operand(shape, transposed):
@@ -105,11 +107,15 @@ def matmul_floor_fn(cfg, batch, seq, rank, xp, dtype):
         a = xp.asarray(rng.standard_normal(stored, dtype=np.float32).astype(dtype))
         return xp.swapaxes(a, -1, -2) if transposed else a
 
-    operands = [(operand(a, ta), operand(b, tb)) for a, b, ta, tb in step_matmuls(cfg, batch, seq, rank)]
+    shards = [[(operand(a, ta), operand(b, tb)) for a, b, ta, tb in step_matmuls(cfg, s.stop - s.start, seq, rank)]
+              for s in backend.batch_shards(batch, device)]
 
-    def run():
+    def run_shard(operands):
         for a, b in operands:
             a @ b
+
+    def run():
+        backend.run_parallel(run_shard, [(operands,) for operands in shards])
 
     return run
 
@@ -187,16 +193,22 @@ def memory_by_batch(preset="gpt2-small", batches=(1, 2, 4, 8, 16), seq=120, rank
     return rows
 
 
-def layer_breakdown(step):
-    """Seconds per layer function (forward and backward separately) over one step."""
-    prof = cProfile.Profile()
-    prof.enable()
-    step()
-    prof.disable()
+def layer_breakdown(step, shards=1):
+    """Seconds per layer function (forward and backward separately) over one step.
+
+    The batch shards run side by side in threads, each profiled on its own; a layer
+    function's time is its mean over the shards, the share of the step's wall time it
+    takes. What runs outside them (the optimizer) counts in full."""
+    main = cProfile.Profile()
+    with backend.profile_threads() as profiles:
+        main.enable()
+        step()
+        main.disable()
     rows = {}
-    for (filename, _, func), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
-        if filename.endswith(("layers.py", "lora.py", "optim.py")) and "_" in func:
-            rows[func] = rows.get(func, 0.0) + tottime
+    for prof, weight in [(main, 1.0)] + [(p, 1.0 / shards) for p in profiles]:
+        for (filename, _, func), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
+            if filename.endswith(("layers.py", "lora.py", "optim.py")) and "_" in func:
+                rows[func] = rows.get(func, 0.0) + weight * tottime
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
 
 
@@ -233,7 +245,8 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
     xp = model.xp
     # step and floor alternate, round by round, so that a slow spell of a noisy machine
     # hits both; the ratio is the median of the per-round ratios
-    floor_fn = matmul_floor_fn(cfg, batch, seq, rank, xp, dtype)
+    floor_fn = matmul_floor_fn(cfg, batch, seq, rank, xp, dtype, device)
+    shards = len(backend.batch_shards(batch, device))
     for fn in (step, step, floor_fn):  # warm-up
         fn()
     rounds = [(time_calls(step, xp, 1, warmup=0), time_calls(floor_fn, xp, 1, warmup=0)) for _ in range(repeats)]
@@ -242,6 +255,7 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
     eval_s = time_calls(lambda: step(train=False), xp, repeats)
     report = {
         "device": device, "model": preset, "batch": batch, "seq": seq, "rank": rank, "dtype": dtype,
+        "batch_shards": shards, "cpu_threads": backend.cpu_threads(),
         "trainable_params": model.num_params(trainable_only=True), "total_params": model.num_params(),
         "step_seconds": step_s, "tokens_per_second": batch * seq / step_s,
         "matmul_floor_seconds": floor_s,
@@ -252,7 +266,7 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
         "process_peak_rss_bytes": own_peak_rss(),
     }
     if breakdown:
-        report["breakdown_seconds"] = layer_breakdown(step)
+        report["breakdown_seconds"] = layer_breakdown(step, shards)
     if generation:
         del model, step
         report["generate_tokens_per_second"] = generation_speed(cfg, device)

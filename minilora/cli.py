@@ -116,6 +116,8 @@ def cmd_bench(args):
     r = report
     print(f"LoRA training step, {r['model']} (random weights), rank {r['rank']} on every linear, 2-class head, "
           f"AdamW, batch {r['batch']} x {r['seq']} tokens, {r['dtype']}, {r['device']}")
+    if r["device"] == "cpu":
+        print(f"  {r['cpu_threads']} CPU threads; the batch runs as {r['batch_shards']} shard(s) side by side")
     print(f"  step (median):        {r['step_seconds']:.3f} s   ({r['tokens_per_second']:.0f} tokens/s)")
     print(f"  matmul floor:         {r['matmul_floor_seconds']:.3f} s   step / floor = {r['step_over_floor']:.2f}")
     if r.get("torch"):
@@ -132,7 +134,7 @@ def cmd_bench(args):
     if "generate_tokens_per_second" in r:
         print(f"  greedy generation:    {r['generate_tokens_per_second']:.1f} tokens/s with the KV cache, "
               f"{r['generate_tokens_per_second_no_kv_cache']:.1f} without")
-    print("  time by layer function (one step):")
+    print("  time by layer function (one step; mean over the parallel shards):")
     for name, sec in list(r.get("breakdown_seconds", {}).items())[:12]:
         print(f"    {name:<24} {sec:7.3f} s")
     return 0

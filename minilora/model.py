@@ -237,26 +237,27 @@ class GPTModel:
         return backend.to_device(host.astype(np.int64, copy=False), self.device)
 
     def _check_positions(self, positions, shape):
-        """(batch rows, positions) index arrays for x[rows], from positions (B,) in [0, T)."""
+        """positions (B,) in [0, T), checked on the host, as int64 on the model's device."""
         B, T = shape
         pos = backend.to_numpy(positions)
         if pos.dtype.kind not in "iu" or pos.shape != (B,):
             raise ValueError(f"positions must be an integer array of shape ({B},), got {pos.dtype} {pos.shape}")
         if pos.min() < 0 or pos.max() >= T:
             raise ValueError(f"positions must lie in [0, {T}), got {pos.min()}..{pos.max()}")
-        return (self.xp.arange(B), backend.to_device(pos.astype(np.int64), self.device))
+        return backend.to_device(pos.astype(np.int64), self.device)
 
     # ------------------------------------------------------------------ linears (+ LoRA)
 
-    def _linear_forward(self, name, x):
-        """x @ W + b for the linear `name`, plus every active LoRA adapter on it."""
+    def _linear_forward(self, name, x, rng=None):
+        """x @ W + b for the linear `name`, plus every active LoRA adapter on it
+        (rng: the LoRA dropout generator, None for no dropout)."""
         p = self.params
         y, cache = linear_forward(x, p[name + ".weight"], p.get(name + ".bias"))
         adapters = self.lora.active(name) if self.lora is not None else ()
         lora_caches = []
         for ad in adapters:
             delta, c = lora_forward(x, p[ad.prefix + ".lora_A"], p[ad.prefix + ".lora_B"], ad.scale,
-                                    self.lora.dropout, self._rng())
+                                    self.lora.dropout, rng)
             y[..., ad.cols] += delta
             lora_caches.append((ad, c))
         return y, (cache, lora_caches)
@@ -296,57 +297,95 @@ class GPTModel:
             classifier reads); then the final layernorm and the head run on those rows
             alone and the logits are (B, n_out). backward then takes dlogits (B, n_out).
         keep_cache=False skips keeping the activations backward needs (evaluation).
+
+        On the CPU the batch is split into one shard per core (``backend.batch_shards``),
+        run in parallel threads: NumPy's elementwise work is single-threaded, so this is
+        what puts every core to work on it. Each shard is the same computation on fewer
+        rows; the result is the same up to float rounding of the summed gradients.
         """
         self._cache = None  # drop the previous step's activations before making new ones
         idx = self.check_idx(idx)
-        rows = None if positions is None else self._check_positions(positions, idx.shape)
-        cfg, p = self.cfg, self.params
-        drop = cfg.drop_rate if self.training else 0.0
+        pos = None if positions is None else self._check_positions(positions, idx.shape)
+        shards = backend.batch_shards(idx.shape[0], self.device)
+        rngs = self._shard_rngs(len(shards))
+        outs = backend.run_parallel(
+            lambda s, rng: self._forward_shard(idx[s], None if pos is None else pos[s], keep_cache, rng),
+            list(zip(shards, rngs)))
+        logits = outs[0][0] if len(outs) == 1 else self.xp.concatenate([out for out, _ in outs])
+        self._cache = [(s, cache) for s, (_, cache) in zip(shards, outs)] if keep_cache else None
+        return logits
+
+    def _shard_rngs(self, n):
+        """One dropout generator per shard (None while dropout is off). A single shard
+        uses the model's own; several get children seeded from it, so that results do
+        not depend on which thread runs first."""
         rng = self._rng()
+        if rng is None or n == 1:
+            return [rng] * n
+        return [np.random.default_rng(seed) for seed in rng.integers(2**63, size=n)]
+
+    def _forward_shard(self, idx, pos, keep_cache, rng):
+        """(logits, cache) of one shard: idx (b, T) on the device, pos (b,) or None."""
+        cfg, p = self.cfg, self.params
+        drop = cfg.drop_rate if rng is not None else 0.0
         x, c_emb = embedding_forward(idx, p["wte.weight"], p["wpe.weight"])  # [B, T, C]
         x, c_drop = dropout_forward(x, drop, rng)
         blocks = []
         for i in range(cfg.n_layers):
             h = f"h.{i}."
             a, c_ln1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], LN_EPS)
-            a, c_qkv = self._linear_forward(h + "attn.c_attn", a)  # [B, T, 3C]
+            a, c_qkv = self._linear_forward(h + "attn.c_attn", a, rng)  # [B, T, 3C]
             a, c_att = attention_forward(a, cfg.n_heads, drop, rng)  # [B, T, C]
-            a, c_proj = self._linear_forward(h + "attn.c_proj", a)
+            a, c_proj = self._linear_forward(h + "attn.c_proj", a, rng)
             a, c_drop1 = dropout_forward(a, drop, rng)
             x = x + a  # residual
             m, c_ln2 = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], LN_EPS)
-            m, c_fc = self._linear_forward(h + "mlp.c_fc", m)  # [B, T, 4C]
+            m, c_fc = self._linear_forward(h + "mlp.c_fc", m, rng)  # [B, T, 4C]
             m, c_gelu = gelu_forward(m)
-            m, c_mproj = self._linear_forward(h + "mlp.c_proj", m)  # [B, T, C]
+            m, c_mproj = self._linear_forward(h + "mlp.c_proj", m, rng)  # [B, T, C]
             m, c_drop2 = dropout_forward(m, drop, rng)
             x = x + m  # residual
             if keep_cache:  # else each block's activations are freed as soon as the next one runs
                 blocks.append((c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2))
-        if rows is not None:
+        rows = None
+        if pos is not None:
+            rows = (self.xp.arange(idx.shape[0]), pos)
             x = x[rows]  # [B, T, C] -> [B, C]: only where the loss reads
         x, c_lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], LN_EPS)
         if "out_head.weight" in p:
-            logits, c_head = self._linear_forward("out_head", x)  # [B, T, n_classes]
+            logits, c_head = self._linear_forward("out_head", x, rng)  # [B, T, n_classes]
         else:
             logits, c_head = linear_forward(x, p["wte.weight"].T)  # tied LM head: [B, T, V]
-        self._cache = (c_emb, c_drop, blocks, rows, c_lnf, c_head) if keep_cache else None
-        return logits
+        return logits, ((c_emb, c_drop, blocks, rows, c_lnf, c_head) if keep_cache else None)
 
     __call__ = forward
 
     def backward(self, dlogits):
         """Gradients (dict name -> array) of every trainable parameter, given dL/dlogits.
 
-        Consumes the activations the forward kept: one backward per forward."""
+        Consumes the activations the forward kept: one backward per forward. Each shard
+        of the forward runs its own backward on its rows of dlogits; the parameter
+        gradients of the shards add up (the loss is a sum over the batch)."""
         if self._cache is None:
             raise RuntimeError("backward() needs a forward(idx) with keep_cache=True first "
                                "(and one forward per backward)")
         if self.lora is not None and self.lora.merged and set(self.lora.param_names) & set(self.trainable):
             raise RuntimeError("LoRA adapters are merged into the weights: unmerge_lora(model) before training")
-        c_emb, c_drop, blocks, rows, c_lnf, c_head = self._cache
-        self._cache = None  # backward consumes the activations: free each block's as it goes
+        shards, self._cache = self._cache, None  # backward consumes the activations
+        self._trainable_set = set(self.trainable)
+        parts = backend.run_parallel(lambda s, cache: self._backward_shard(dlogits[s], cache), shards)
+        grads = parts[0]
+        for part in parts[1:]:
+            for name, g in part.items():
+                grads[name] += g
+        return {n: grads[n] for n in self.trainable if n in grads}
+
+    def _backward_shard(self, dlogits, cache):
+        """Gradients (dict) of one shard, from its dlogits rows and its forward's cache."""
+        c_emb, c_drop, blocks, rows, c_lnf, c_head = cache
+        del cache  # free each block's activations as the backward goes
+        train = self._trainable_set
         p, grads = self.params, {}
-        self._trainable_set = train = set(self.trainable)
         if "out_head.weight" in p:
             dx = self._linear_backward("out_head", dlogits, c_head, grads)
         else:
@@ -395,7 +434,7 @@ class GPTModel:
                 self._accumulate(grads, "wte.weight", dwte)
             if "wpe.weight" in train:
                 self._accumulate(grads, "wpe.weight", dwpe)
-        return {n: grads[n] for n in self.trainable if n in grads}
+        return grads
 
     def _trains(self, prefix):
         """Whether the weight or bias of a layernorm `prefix` is trained."""

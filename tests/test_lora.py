@@ -122,7 +122,8 @@ def test_scaling_conventions(tiny_cfg, tiny_idx, scaling, expected):
     base = model.forward(tiny_idx).copy()
     B = np.random.default_rng(0).standard_normal((4, 3))
     model.params["out_head.lora_B"][...] = B
-    x = model._cache[-1][0][0]  # the head linear cache (x, w): its input x
+    # the head linear cache (x, w) of each batch shard: its input x
+    x = np.concatenate([cache[-1][0][0] for _, cache in model._cache])
     np.testing.assert_allclose(model.forward(tiny_idx) - base, expected * (x @ model.params["out_head.lora_A"]) @ B,
                                rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="scaling"):
