@@ -1,0 +1,120 @@
+"""The batch split into shards run side by side on the CPU cores: the same gradients as
+one shard, every gradient still exact, BLAS threads limited only while the shards run."""
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+import minilora as ml
+from minilora import backend
+from minilora.bench import build_step, layer_breakdown, matmul_floor_fn
+from minilora.gradcheck import MODEL_TOL, check_model
+
+
+def _blas_threads():
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("threads, batch, sizes", [(2, 8, [4, 4]), (2, 3, [1, 2]), (3, 5, [1, 2, 2]),
+                                                   (4, 2, [1, 1]), (2, 1, [1]), (1, 8, [8])])
+def test_batch_shards_cover_the_batch_once(monkeypatch, threads, batch, sizes):
+    monkeypatch.setenv("MINILORA_NUM_THREADS", str(threads))
+    shards = backend.batch_shards(batch, "cpu")
+    assert [s.stop - s.start for s in shards] == sizes
+    assert shards[0].start == 0 and shards[-1].stop == batch
+    assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
+    assert backend.batch_shards(batch, "cuda") == [slice(0, batch)]
+
+
+def test_thread_count_setting(monkeypatch):
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "3")
+    assert backend.cpu_threads() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("MINILORA_NUM_THREADS", bad)
+        with pytest.raises(ValueError, match="MINILORA_NUM_THREADS"):
+            backend.cpu_threads()
+    monkeypatch.delenv("MINILORA_NUM_THREADS")
+    assert backend.cpu_threads() >= 1
+
+
+def test_run_parallel_keeps_order_raises_and_restores_blas_threads(monkeypatch):
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+    before = _blas_threads()
+    seen = backend.run_parallel(lambda i: (i * i, _blas_threads()), [(1,), (2,), (3,)])
+    assert [r for r, _ in seen] == [1, 4, 9]
+    assert all(t == [1] * len(before) for _, t in seen)  # 2 threads // 3 shards -> 1 each
+    assert _blas_threads() == before
+
+    def fails(i):
+        if i == 2:
+            raise KeyError("shard 2")
+        return i
+
+    with pytest.raises(KeyError, match="shard 2"):
+        backend.run_parallel(fails, [(1,), (2,), (3,)])
+    assert _blas_threads() == before
+
+
+def _lora_model(cfg):
+    model = ml.GPTModel(cfg, seed=3, dtype="float64").replace_head(3)
+    ml.apply_lora(model, rank=2, alpha=3, seed=3)
+    rng = np.random.default_rng(0)
+    for name in model.lora.param_names:  # B != 0: every LoRA gradient is exercised
+        model.params[name][...] = rng.standard_normal(model.params[name].shape)
+    return model
+
+
+@pytest.mark.parametrize("use_positions", [False, True])
+def test_shards_give_the_gradients_of_one_shard(monkeypatch, tiny_cfg, use_positions):
+    """Uneven shards (5 sequences over 3 threads: 1 + 2 + 2) against the whole batch at once."""
+    idx = np.random.default_rng(1).integers(0, tiny_cfg.vocab_size, (5, 6))
+    positions = np.array([5, 0, 3, 2, 5]) if use_positions else None
+    model = _lora_model(tiny_cfg)
+    results = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("MINILORA_NUM_THREADS", threads)
+        logits = model.forward(idx, positions=positions)
+        G = np.random.default_rng(2).standard_normal(logits.shape)
+        results[threads] = (logits, model.backward(G))
+    (l1, g1), (l3, g3) = results["1"], results["3"]
+    np.testing.assert_allclose(l3, l1, rtol=1e-13, atol=1e-14)
+    assert g1.keys() == g3.keys() and len(g1) == len(model.trainable)
+    for name in g1:
+        np.testing.assert_allclose(g3[name], g1[name], rtol=1e-11, atol=1e-13, err_msg=name)
+
+
+def test_sharded_gradients_match_finite_differences(monkeypatch, tiny_cfg):
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "3")
+    idx = np.array([[1, 3, 3, 0, 10], [3, 7, 1, 1, 3], [10, 10, 2, 4, 0]])
+    model = _lora_model(tiny_cfg)
+    result = check_model(model, idx, "gpt2_lora in 3 shards")
+    assert set(result.errors) == set(model.trainable)
+    assert result.passed and result.max_rel_error < MODEL_TOL, result.errors
+
+
+def test_sharded_dropout_is_reproducible(monkeypatch, tiny_cfg, tiny_idx):
+    """Each shard draws its masks from its own generator, seeded from the model's: the
+    same seed gives the same step whichever thread runs first."""
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+    cfg = ml.GPTConfig(**{**tiny_cfg.to_dict(), "drop_rate": 0.3})
+    runs = []
+    for _ in range(2):
+        model = ml.GPTModel(cfg, seed=5, dtype="float64")
+        logits = model.forward(tiny_idx)
+        runs.append((logits, model.backward(np.ones_like(logits))["h.0.mlp.c_fc.weight"]))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    assert not np.allclose(runs[0][0], ml.GPTModel(cfg, seed=5, dtype="float64").eval().forward(tiny_idx))
+
+
+def test_benchmark_profiles_and_floors_every_shard(monkeypatch, tiny_cfg):
+    """The breakdown sees the layer functions the shard threads run and what the main
+    thread runs (the loss); the floor runs its two shards' products."""
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+    _, step = build_step(tiny_cfg, batch=4, seq=5, rank=2)
+    step()
+    rows = layer_breakdown(step, shards=2)
+    for name in ("linear_forward", "linear_backward", "attention_backward", "lora_forward",
+                 "cross_entropy_backward"):
+        assert name in rows, (name, rows)
+    matmul_floor_fn(tiny_cfg, 4, 5, 2, np, "float32")()
