@@ -76,23 +76,38 @@ def time_calls(fn, xp, repeats, warmup=1):
 def step_matmuls(cfg, batch, seq, rank, n_classes=2):
     """Every matrix product of one LoRA step as (a_shape, b_shape, a_transposed,
     b_transposed): logical shapes, and whether the step multiplies a transposed view
-    (dx = dout @ W^T, dW-like products x^T @ dout) rather than a contiguous array."""
+    (dx = dout @ W^T, dW-like products x^T @ dout) rather than a contiguous array.
+    The step classifies from one position, so its last block runs one query per
+    sequence and the layers after its attention on `batch` rows; the embeddings are
+    frozen, so block 0 computes no dx under its attention."""
     N, C, NH, r, T = batch * seq, cfg.emb_dim, cfg.n_heads, rank, seq
     hs = C // NH
-    qk = ((batch, NH, T, hs), (batch, NH, hs, T), False, True)  # q @ k^T, dy @ v^T
-    av = ((batch, NH, T, T), (batch, NH, T, hs), False, False)  # att @ v, dpre @ k
-    at = ((batch, NH, T, T), (batch, NH, T, hs), True, False)  # att^T @ dy, dpre^T @ q
-    base = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)]  # c_attn, c_proj, c_fc, mlp.c_proj
-    adapters = [(C, C)] * 3 + [(C, C), (C, 4 * C), (4 * C, C)]  # q, k, v; c_proj, c_fc, mlp.c_proj
+
+    def linear(rows, i, o, adapters, need_dx=True):
+        """x @ W; dx = dout @ W^T; each adapter: x A, (xA) B; dB, g = dout B^T, dA, dx += g A^T."""
+        prods = [((rows, i), (i, o), False, False)] + [((rows, o), (o, i), False, True)] * need_dx
+        for a_in, a_out in adapters:
+            prods += [((rows, a_in), (a_in, r), False, False), ((rows, r), (r, a_out), False, False),
+                      ((r, rows), (rows, a_out), True, False), ((rows, a_out), (a_out, r), False, True),
+                      ((a_in, rows), (rows, r), True, False)] + [((rows, r), (r, a_in), False, True)] * need_dx
+        return prods
+
+    def attention(Tq):  # forward q k^T, att v; backward dy v^T, att^T dy, dpre k, dpre^T q
+        q, kT = (batch, NH, Tq, hs), (batch, NH, hs, T)
+        att, kv = (batch, NH, Tq, T), (batch, NH, T, hs)
+        attT, dy = (batch, NH, T, Tq), (batch, NH, Tq, hs)
+        return [(q, kT, False, True), (att, kv, False, False), (dy, kT, False, True),
+                (attT, dy, True, False), (att, kv, False, False), (attT, q, True, False)]
+
     prods = []
-    for _ in range(cfg.n_layers):
-        prods += [((N, i), (i, o), False, False) for i, o in base]  # forward x @ W
-        prods += [((N, o), (o, i), False, True) for i, o in base]  # backward dout @ W^T
-        prods += [qk, av, qk, at, av, at]  # attention forward (2) and backward (4)
-        for i, o in adapters:  # LoRA forward x A, (xA) B; backward dB, g = dout B^T, dA, g A^T
-            prods += [((N, i), (i, r), False, False), ((N, r), (r, o), False, False),
-                      ((r, N), (N, o), True, False), ((N, o), (o, r), False, True),
-                      ((i, N), (N, r), True, False), ((N, r), (r, i), False, True)]
+    for layer in range(cfg.n_layers):
+        rows, Tq = (batch, 1) if layer == cfg.n_layers - 1 else (N, T)
+        # c_attn with LoRA on q, k, v; under block 0 everything is frozen: no dx
+        prods += linear(N, C, 3 * C, [(C, C)] * 3, need_dx=layer > 0)
+        prods += attention(Tq)
+        prods += linear(rows, C, C, [(C, C)])  # attn.c_proj
+        prods += linear(rows, C, 4 * C, [(C, 4 * C)])  # mlp.c_fc
+        prods += linear(rows, 4 * C, C, [(4 * C, C)])  # mlp.c_proj
     prods += [((batch, C), (C, n_classes), False, False), ((batch, n_classes), (n_classes, C), False, True)]
     return prods
 

@@ -115,6 +115,7 @@ def layer_checks(xp, seed=0):
         return xp.asarray(rng.standard_normal(shape) * scale)
 
     idx = xp.asarray(np.array([[1, 3, 3, 0, 10], [3, 7, 1, 1, 3]]))  # repeated ids on purpose
+    query_pos = xp.asarray(np.array([3, 0]))
     results = [
         check_layer("embedding", lambda wte, wpe: embedding_forward(idx, wte, wpe), embedding_backward,
                     dict(wte=arr(11, 6), wpe=arr(7, 6)), dict(wte=0, wpe=1)),
@@ -129,6 +130,9 @@ def layer_checks(xp, seed=0):
         check_layer("attention_dropout",
                     lambda qkv: attention_forward(qkv, 2, 0.25, np.random.default_rng(3)), attention_backward,
                     dict(qkv=arr(2, 5, 3 * 8)), dict(qkv=0)),
+        check_layer("attention_one_query",  # one query per sequence, as the last block of a classifier
+                    lambda qkv: attention_forward(qkv, 2, 0.25, np.random.default_rng(3), query_pos),
+                    attention_backward, dict(qkv=arr(2, 5, 3 * 8)), dict(qkv=0)),
     ]
     targets = xp.asarray(np.array([0, 4, 4, 1, 2, 4]))  # repeated classes
     results.append(check_layer(

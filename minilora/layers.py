@@ -211,19 +211,26 @@ def dropout_backward(dout, cache):
 # ---------------------------------------------------------------------------- attention
 
 
-def causal_mask(T, dtype, xp):
-    """(T, T) additive mask: 0 on and below the diagonal, -inf above it."""
-    return xp.triu(xp.full((T, T), -xp.inf, dtype=dtype), k=1)
+def causal_mask(query_pos, T, dtype, xp):
+    """Additive mask (B or 1, 1, Tq, T): -inf where key j lies after its query's position
+    (query_pos (B or 1, Tq)), 0 elsewhere. For every query 0..T-1 it is the usual
+    upper triangle."""
+    after = xp.arange(T) > query_pos[:, :, None]  # [B, Tq, T]
+    return xp.where(after, -xp.inf, 0.0).astype(dtype)[:, None]  # [B, 1, Tq, T]
 
 
-def attention_forward(qkv, n_heads, dropout_p=0.0, rng=None):
+def attention_forward(qkv, n_heads, dropout_p=0.0, rng=None, query_pos=None):
     """Causal multi-head self-attention on the fused projection qkv = [q | k | v].
 
     qkv: (B, T, 3C) as produced by the c_attn linear. Per head:
-      att = softmax(q k^T / sqrt(hs) + mask)     mask = -inf above the diagonal
+      att = softmax(q k^T / sqrt(hs) + mask)     mask = -inf where a key is after its query
       y   = att v
     and the heads are concatenated back to (B, T, C).
-    Cache: q, k, v as (B, NH, T, hs), att (after dropout, and before it when p > 0).
+    query_pos: optional int (B,): attend from one query per sequence, at that position
+    (what a classifier reads from the last block), against all keys up to it; y is
+    then (B, C). Every key and value is still used, so its gradient is still complete.
+    Cache: q (B, NH, Tq, hs), k, v (B, NH, T, hs), att (after dropout, and before it
+    when p > 0), the query positions.
     """
     xp = get_array_module(qkv)
     B, T, C3 = qkv.shape
@@ -232,19 +239,25 @@ def attention_forward(qkv, n_heads, dropout_p=0.0, rng=None):
     hs = C // NH
     # [B, T, 3C] -> [3, B, NH, T, hs]; contiguous copies so the batched matmuls are fast
     q, k, v = xp.ascontiguousarray(qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4))
+    if query_pos is None:
+        positions = xp.arange(T)[None]  # [1, T]: every position queries
+    else:
+        positions = query_pos[:, None]  # [B, 1]
+        q = q[xp.arange(B), :, query_pos][:, :, None]  # [B, NH, 1, hs]
+    Tq = q.shape[2]
     scale = qkv.dtype.type(1.0 / math.sqrt(hs))
-    pre = q @ k.transpose(0, 1, 3, 2)  # [B, NH, T, hs] @ [B, NH, hs, T] -> [B, NH, T, T]
+    pre = q @ k.transpose(0, 1, 3, 2)  # [B, NH, Tq, hs] @ [B, NH, hs, T] -> [B, NH, Tq, T]
     pre *= scale
-    pre += causal_mask(T, qkv.dtype, xp)  # -inf above the diagonal: a token never sees the future
-    # softmax, subtracting the row max so exp never overflows; the diagonal is never
-    # masked, so every row has a finite max and a non-zero sum
+    pre += causal_mask(positions, T, qkv.dtype, xp)  # a token never sees the future
+    # softmax, subtracting the row max so exp never overflows; a query always sees
+    # itself, so every row has a finite max and a non-zero sum
     pre -= pre.max(axis=-1, keepdims=True)
     att = xp.exp(pre, out=pre)
     att /= att.sum(axis=-1, keepdims=True)
     att_d, drop_cache = dropout_forward(att, dropout_p, rng)
-    y = att_d @ v  # [B, NH, T, T] @ [B, NH, T, hs] -> [B, NH, T, hs]
-    y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # re-assemble the heads side by side
-    return y, (q, k, v, att, att_d, drop_cache, scale)
+    y = att_d @ v  # [B, NH, Tq, T] @ [B, NH, T, hs] -> [B, NH, Tq, hs]
+    y = y.transpose(0, 2, 1, 3).reshape(B, Tq, C)  # re-assemble the heads side by side
+    return (y if query_pos is None else y[:, 0]), (q, k, v, att, att_d, drop_cache, scale, query_pos)
 
 
 def attention_backward(dout, cache):
@@ -255,14 +268,15 @@ def attention_backward(dout, cache):
       forward: att = softmax(pre)         so  dpre = att * (datt - sum_j(datt * att))
                (masked entries have att = 0, so they get no gradient)
       forward: pre = scale * q k^T        so  dq = scale * dpre k,  dk = scale * dpre^T q
-    Returns dqkv (B, T, 3C) with dq, dk, dv side by side as in the input.
+    dout: (B, T, C), or (B, C) with query_pos. Returns dqkv (B, T, 3C) with dq, dk, dv
+    side by side as in the input; with query_pos, dq is zero off the query positions.
     """
-    q, k, v, att, att_d, drop_cache, scale = cache
+    q, k, v, att, att_d, drop_cache, scale, query_pos = cache
     xp = get_array_module(dout)
-    B, NH, T, hs = q.shape
-    C = NH * hs
-    dy = xp.ascontiguousarray(dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3))  # [B, NH, T, hs]
-    datt = dy @ v.transpose(0, 1, 3, 2)  # [B, NH, T, T]
+    B, NH, Tq, hs = q.shape
+    T, C = k.shape[2], NH * hs
+    dy = xp.ascontiguousarray(dout.reshape(B, Tq, NH, hs).transpose(0, 2, 1, 3))  # [B, NH, Tq, hs]
+    datt = dy @ v.transpose(0, 1, 3, 2)  # [B, NH, Tq, T]
     dv = att_d.transpose(0, 1, 3, 2) @ dy  # [B, NH, T, hs]
     (datt,) = dropout_backward(datt, drop_cache)
     # softmax backward, in place in datt's buffer: dpre = att * (datt - rowsum(datt * att))
@@ -270,11 +284,16 @@ def attention_backward(dout, cache):
     datt *= att
     datt *= scale
     dpre = datt
-    dq = dpre @ k  # [B, NH, T, hs]
+    dq = dpre @ k  # [B, NH, Tq, hs]
     dk = dpre.transpose(0, 1, 3, 2) @ q  # [B, NH, T, hs]
     dqkv = xp.empty((B, T, 3, NH, hs), dtype=dout.dtype)
-    for i, d in enumerate((dq, dk, dv)):
-        dqkv[:, :, i] = d.transpose(0, 2, 1, 3)  # [B, NH, T, hs] -> [B, T, NH, hs]
+    if query_pos is None:
+        dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)  # [B, NH, T, hs] -> [B, T, NH, hs]
+    else:  # only the query rows got a gradient
+        dqkv[:, :, 0] = 0.0
+        dqkv[xp.arange(B), query_pos, 0] = dq[:, :, 0]  # [B, NH, hs]
+    dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
+    dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
     return (dqkv.reshape(B, T, 3 * C),)
 
 

@@ -294,8 +294,9 @@ class GPTModel:
         """Logits (B, T, n_out) for token ids idx (B, T).
 
         positions: optional int (B,): one position per sequence (e.g. the last token a
-            classifier reads); then the final layernorm and the head run on those rows
-            alone and the logits are (B, n_out). backward then takes dlogits (B, n_out).
+            classifier reads); then the last block (after its attention has read every
+            position's key and value), the final layernorm and the head run on those
+            rows alone and the logits are (B, n_out). backward then takes dlogits (B, n_out).
         keep_cache=False skips keeping the activations backward needs (evaluation).
 
         On the CPU the batch is split into one shard per core (``backend.batch_shards``),
@@ -330,14 +331,20 @@ class GPTModel:
         drop = cfg.drop_rate if rng is not None else 0.0
         x, c_emb = embedding_forward(idx, p["wte.weight"], p["wpe.weight"])  # [B, T, C]
         x, c_drop = dropout_forward(x, drop, rng)
+        rows = None if pos is None else (self.xp.arange(idx.shape[0]), pos)
         blocks = []
         for i in range(cfg.n_layers):
             h = f"h.{i}."
+            # With positions, the last block computes only the rows the loss reads, once
+            # its attention has used the keys and values of every position.
+            query_pos = pos if i == cfg.n_layers - 1 else None
             a, c_ln1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], LN_EPS)
             a, c_qkv = self._linear_forward(h + "attn.c_attn", a, rng)  # [B, T, 3C]
-            a, c_att = attention_forward(a, cfg.n_heads, drop, rng)  # [B, T, C]
+            a, c_att = attention_forward(a, cfg.n_heads, drop, rng, query_pos)  # [B, T, C] or [B, C]
             a, c_proj = self._linear_forward(h + "attn.c_proj", a, rng)
             a, c_drop1 = dropout_forward(a, drop, rng)
+            if query_pos is not None:
+                x = x[rows]  # [B, T, C] -> [B, C]
             x = x + a  # residual
             m, c_ln2 = layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"], LN_EPS)
             m, c_fc = self._linear_forward(h + "mlp.c_fc", m, rng)  # [B, T, 4C]
@@ -347,10 +354,6 @@ class GPTModel:
             x = x + m  # residual
             if keep_cache:  # else each block's activations are freed as soon as the next one runs
                 blocks.append((c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2))
-        rows = None
-        if pos is not None:
-            rows = (self.xp.arange(idx.shape[0]), pos)
-            x = x[rows]  # [B, T, C] -> [B, C]: only where the loss reads
         x, c_lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], LN_EPS)
         if "out_head.weight" in p:
             logits, c_head = self._linear_forward("out_head", x, rng)  # [B, T, n_classes]
@@ -394,9 +397,6 @@ class GPTModel:
             self._accumulate(grads, "wte.weight", None if dwT is None else dwT.T)
         dx, dw, db = layernorm_backward(dx, c_lnf, self._trains("ln_f."))
         self._accumulate_pair(grads, "ln_f.", dw, db)
-        if rows is not None:  # only the selected rows received gradient
-            dx_rows, dx = dx, self.xp.zeros(c_emb[0].shape + (self.cfg.emb_dim,), dtype=dx.dtype)
-            dx[rows] = dx_rows
         # Frozen means no work: below the lowest block that trains anything, and under a
         # frozen embedding, no gradient is needed, so the backward stops there.
         embeddings_train = "wte.weight" in train or "wpe.weight" in train
@@ -426,7 +426,11 @@ class GPTModel:
                 break  # the bottom of what trains: nothing below needs dx
             da, dw, db = layernorm_backward(da, c_ln1, ln1_trains)
             self._accumulate_pair(grads, h + "ln_1.", dw, db)
-            dx += da
+            if rows is not None and i == self.cfg.n_layers - 1:  # forward: x = x[rows] + a
+                da[rows] += dx  # [B, T, C]: only the selected rows received gradient
+                dx = da
+            else:
+                dx += da
         if embeddings_train:  # frozen embeddings: no scatter-add
             (dx,) = dropout_backward(dx, c_drop)
             dwte, dwpe = embedding_backward(dx, c_emb)

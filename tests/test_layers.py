@@ -53,7 +53,7 @@ def _embedding_backward_without_accumulation(dout, cache):
 
 
 def _softmax_backward_without_row_sum(dout, cache):
-    q, k, v, att, att_d, drop_cache, scale = cache
+    q, k, v, att, att_d, drop_cache, scale, _ = cache
     B, NH, T, hs = q.shape
     dy = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
     datt = dy @ v.transpose(0, 1, 3, 2)
@@ -142,6 +142,34 @@ def test_attention_matches_plain_per_head_loop(rng):
                 w = np.exp(s - s.max())
                 out[b, t, sl] = (w / w.sum()) @ v[b, : t + 1, sl]
     np.testing.assert_allclose(y, out, rtol=1e-12, atol=1e-14)
+
+
+def test_one_query_attention_is_that_row_of_full_attention(xp, rng):
+    qkv = xp.asarray(rng.standard_normal((3, 6, 24)))
+    query_pos = xp.asarray(np.array([5, 0, 2]))
+    full, _ = layers.attention_forward(qkv, 2)
+    one, _ = layers.attention_forward(qkv, 2, query_pos=query_pos)
+    np.testing.assert_allclose(to_numpy(one), to_numpy(full)[[0, 1, 2], [5, 0, 2]], rtol=1e-13, atol=1e-14)
+
+
+def test_gradient_check_catches_a_misplaced_query_gradient(rng):
+    """dq written at position 0 instead of the query's own row must fail the check."""
+
+    def misplaced(dout, cache):
+        (dqkv,) = layers.attention_backward(dout, cache)
+        query_pos = cache[-1]
+        B, C = dout.shape
+        dq = dqkv[np.arange(B), query_pos, :C].copy()
+        dqkv[np.arange(B), query_pos, :C] = 0.0
+        dqkv[:, 0, :C] = dq
+        return (dqkv,)
+
+    query_pos = np.array([3, 2])
+    forward = lambda qkv: layers.attention_forward(qkv, 2, query_pos=query_pos)  # noqa: E731
+    qkv = dict(qkv=rng.standard_normal((2, 5, 24)))
+    assert check_layer("attention_one_query", forward, layers.attention_backward, qkv, dict(qkv=0)).passed
+    r = check_layer("attention_one_query", forward, misplaced, qkv, dict(qkv=0))
+    assert not r.passed, r.max_rel_error
 
 
 def test_softmax_and_cross_entropy_are_stable_for_huge_logits(xp):

@@ -167,8 +167,16 @@ def test_positions_select_rows_and_keep_exact_gradients(device, tiny_cfg, tiny_i
     def loss():
         return float((model.forward(tiny_idx, keep_cache=False, positions=positions) * G).sum())
 
-    for n in ["wte.weight", "h.0.attn.c_attn.weight", "ln_f.weight", "out_head.bias"]:
+    for n in ["wte.weight", "h.0.attn.c_attn.weight", "h.1.ln_1.weight", "h.1.attn.c_attn.weight",
+              "h.1.attn.c_proj.bias", "h.1.mlp.c_fc.weight", "ln_f.weight", "out_head.bias"]:
         assert rel_error(grads[n], numerical_gradient(loss, model.params[n])) < 1e-7, n
+    # the same gradients as the full forward with G placed at the positions
+    model.forward(tiny_idx)
+    G_full = np.zeros((2, 5, 3))
+    G_full[[0, 1], positions] = to_numpy(G)
+    full_grads = model.backward(model.xp.asarray(G_full))
+    for n in grads:
+        np.testing.assert_allclose(to_numpy(grads[n]), to_numpy(full_grads[n]), rtol=1e-10, atol=1e-13, err_msg=n)
     with pytest.raises(ValueError, match="positions"):
         model.forward(tiny_idx, positions=np.array([5, 0]))
 
