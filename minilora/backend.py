@@ -11,6 +11,7 @@ the device, so that a CPU run and a GPU run start from the same values.
 
 import cProfile
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -150,19 +151,28 @@ def to_numpy(x):
 
 _pool = None  # the thread pool of run_parallel, made on first use
 _blas = None  # threadpoolctl's handle on the BLAS libraries NumPy loaded
+_lock = threading.Lock()  # one run_parallel at a time: the BLAS thread limit is process-wide
 
 
 def cpu_threads():
-    """Cores this process may use: $MINILORA_NUM_THREADS, else its CPU affinity."""
+    """Cores this process may use: $MINILORA_NUM_THREADS, else its CPU affinity, capped
+    by a container's CPU quota (cgroup v2 cpu.max) when there is one."""
     env = os.environ.get("MINILORA_NUM_THREADS")
     if env:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"MINILORA_NUM_THREADS must be a positive integer, got {env!r}")
         return int(env)
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))  # ceil(quota / period)
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota
+    return n
 
 
 def batch_shards(batch, device="cpu"):
@@ -187,19 +197,22 @@ def run_parallel(fn, items):
     (one each on 2 cores): left at its default, every thread's matrix product would
     start a full team of BLAS threads and the cores would be oversubscribed (measured:
     the sharded GPT-2 small step 3.7 s instead of 2.1 s). The BLAS setting is the
-    process's, so other threads' products see it too until the items are done.
+    process's, so calls from several threads take turns (a lock) and other threads'
+    products see it until the items are done.
     """
     if len(items) == 1 and _profiles is None:
         return [fn(*items[0])]
-    call = _profiled(fn) if _profiles is not None else (lambda item: fn(*item))
     global _pool, _blas
-    if _pool is None:
-        from threadpoolctl import ThreadpoolController
+    with _lock:
+        if _pool is None:
+            from threadpoolctl import ThreadpoolController
 
-        _pool = ThreadPoolExecutor(max_workers=cpu_threads(), thread_name_prefix="minilora")
-        _blas = ThreadpoolController()
-    with _blas.limit(limits=max(1, cpu_threads() // len(items)), user_api="blas"):
-        return list(_pool.map(call, items))
+            _pool = ThreadPoolExecutor(max_workers=cpu_threads(), thread_name_prefix="minilora")
+            _blas = ThreadpoolController()
+        with _blas.limit(limits=max(1, cpu_threads() // len(items)), user_api="blas"):
+            if _profiles is not None:  # one profiler at a time (Python 3.12+): one item after another
+                return [_profiled(fn)(item) for item in items]
+            return list(_pool.map(lambda item: fn(*item), items))
 
 
 _profiles = None  # while profile_threads() is on: one cProfile.Profile per call run_parallel makes
@@ -207,9 +220,10 @@ _profiles = None  # while profile_threads() is on: one cProfile.Profile per call
 
 @contextmanager
 def profile_threads():
-    """Profile every call run_parallel makes, each in a pool thread (cProfile sees only
-    the thread that enables it, and one profiler per thread). Yields the list the
-    profiles are added to."""
+    """Profile every call run_parallel makes, each with its own profiler. Since Python
+    3.12 only one profiler may run at a time, so meanwhile the items run one after
+    another in the calling thread, with BLAS limited as when they run side by side.
+    Yields the list the profiles are added to."""
     global _profiles
     _profiles = profiles = []
     try:

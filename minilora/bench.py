@@ -14,7 +14,6 @@ so that the ratios are meaningful on a noisy machine:
 - greedy generation speed of GPT-2 small.
 """
 
-import cProfile
 import json
 import pstats
 import resource
@@ -108,7 +107,7 @@ def step_matmuls(cfg, batch, seq, rank, n_classes=2):
         prods += linear(rows, C, C, [(C, C)])  # attn.c_proj
         prods += linear(rows, C, 4 * C, [(C, 4 * C)])  # mlp.c_fc
         prods += linear(rows, 4 * C, C, [(4 * C, C)])  # mlp.c_proj
-    prods += [((batch, C), (C, n_classes), False, False), ((batch, n_classes), (n_classes, C), False, True)]
+    prods += linear(batch, C, n_classes, [(C, n_classes)])  # the classifier head, with its LoRA
     return prods
 
 
@@ -209,21 +208,19 @@ def memory_by_batch(preset="gpt2-small", batches=(1, 2, 4, 8, 16), seq=120, rank
 
 
 def layer_breakdown(step, shards=1):
-    """Seconds per layer function (forward and backward separately) over one step.
+    """Seconds per layer function (forward and backward separately) in one step.
 
-    The batch shards run side by side in threads, each profiled on its own; a layer
-    function's time is its mean over the shards, the share of the step's wall time it
-    takes. What runs outside them (the optimizer) counts in full."""
-    main = cProfile.Profile()
+    Each batch shard is profiled on its own (one after another while profiling, with
+    BLAS limited as when they run side by side); a layer function's time is its mean
+    over the shards, the share of the step's wall time it takes. Only the shards are
+    profiled: the loss and the optimizer, outside them, are not listed."""
     with backend.profile_threads() as profiles:
-        main.enable()
         step()
-        main.disable()
     rows = {}
-    for prof, weight in [(main, 1.0)] + [(p, 1.0 / shards) for p in profiles]:
+    for prof in profiles:
         for (filename, _, func), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
-            if filename.endswith(("layers.py", "lora.py", "optim.py")) and "_" in func:
-                rows[func] = rows.get(func, 0.0) + weight * tottime
+            if filename.endswith(("layers.py", "lora.py")) and "_" in func:
+                rows[func] = rows.get(func, 0.0) + tottime / shards
     return dict(sorted(rows.items(), key=lambda kv: -kv[1]))
 
 

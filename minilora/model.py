@@ -302,7 +302,9 @@ class GPTModel:
         On the CPU the batch is split into one shard per core (``backend.batch_shards``),
         run in parallel threads: NumPy's elementwise work is single-threaded, so this is
         what puts every core to work on it. Each shard is the same computation on fewer
-        rows; the result is the same up to float rounding of the summed gradients.
+        rows; the result is the same up to float rounding of the summed gradients, except
+        that dropout masks (when drop_rate or the LoRA dropout is on) are drawn per shard
+        and so depend on the number of shards.
         """
         self._cache = None  # drop the previous step's activations before making new ones
         idx = self.check_idx(idx)

@@ -1,6 +1,8 @@
 """The batch split into shards run side by side on the CPU cores: the same gradients as
 one shard, every gradient still exact, BLAS threads limited only while the shards run."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
@@ -52,6 +54,20 @@ def test_run_parallel_keeps_order_raises_and_restores_blas_threads(monkeypatch):
 
     with pytest.raises(KeyError, match="shard 2"):
         backend.run_parallel(fails, [(1,), (2,), (3,)])
+    assert _blas_threads() == before
+
+
+def test_concurrent_callers_take_turns_and_leave_blas_as_it_was(monkeypatch, tiny_cfg, tiny_idx):
+    """The BLAS limit is process-wide: evaluation forwards from several threads at once
+    must neither mix their results nor leave BLAS at one thread."""
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+    model = ml.GPTModel(tiny_cfg, seed=2, dtype="float64").eval()
+    expected = model.forward(tiny_idx, keep_cache=False)
+    before = _blas_threads()
+    with ThreadPoolExecutor(4) as callers:
+        outs = list(callers.map(lambda _: model.forward(tiny_idx, keep_cache=False), range(12)))
+    for out in outs:
+        np.testing.assert_array_equal(out, expected)
     assert _blas_threads() == before
 
 
@@ -111,13 +127,12 @@ def test_sharded_dropout_is_reproducible(monkeypatch, tiny_cfg, tiny_idx):
 
 
 def test_benchmark_profiles_and_floors_every_shard(monkeypatch, tiny_cfg):
-    """The breakdown sees the layer functions the shard threads run and what the main
-    thread runs (the loss); the floor runs its two shards' products."""
+    """The breakdown sees the layer functions every shard runs; the floor runs its two
+    shards' products."""
     monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
     _, step = build_step(tiny_cfg, batch=4, seq=5, rank=2)
     step()
     rows = layer_breakdown(step, shards=2)
-    for name in ("linear_forward", "linear_backward", "attention_backward", "lora_forward",
-                 "cross_entropy_backward"):
+    for name in ("linear_forward", "linear_backward", "attention_backward", "lora_forward", "gelu_backward"):
         assert name in rows, (name, rows)
     matmul_floor_fn(tiny_cfg, 4, 5, 2, np, "float32")()
