@@ -214,6 +214,8 @@ def layer_breakdown(step, shards=1):
     BLAS limited as when they run side by side); a layer function's time is its mean
     over the shards, the share of the step's wall time it takes. Only the shards are
     profiled: the loss and the optimizer, outside them, are not listed."""
+    with backend.profile_threads():  # warm-up: the shards now run in this thread, whose
+        step()  # memory arena is cold the first time (forward layers would show page faults)
     with backend.profile_threads() as profiles:
         step()
     rows = {}
