@@ -12,7 +12,7 @@ the device, so that a CPU run and a GPU run start from the same values.
 import cProfile
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 import numpy as np
@@ -150,6 +150,8 @@ def to_numpy(x):
 # ---------------------------------------------------------------- CPU threads
 
 _pool = None  # the thread pool of run_parallel, made on first use
+_pool_size = None  # its number of threads
+_worker = threading.local()  # .busy: this thread is one of the pool's
 _blas = None  # threadpoolctl's handle on the BLAS libraries NumPy loaded
 _lock = threading.Lock()  # one run_parallel at a time: the BLAS thread limit is process-wide
 
@@ -167,7 +169,8 @@ def cpu_threads():
     except AttributeError:  # not Linux
         n = os.cpu_count() or 1
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
         if quota != "max":
             n = min(n, max(1, -(-int(quota) // int(period))))  # ceil(quota / period)
     except (OSError, ValueError):
@@ -191,28 +194,39 @@ def batch_shards(batch, device="cpu"):
 
 def run_parallel(fn, items):
     """[fn(*item) for item in items], the items in parallel threads when there are
-    several; results in order, and the first exception raised is re-raised here.
+    several; results in order. If any raise, all are let finish (no thread is left
+    running past the call) and the exception of the first failing item is re-raised.
 
     While the threads run, BLAS gets cpu_threads() // len(items) threads of its own
     (one each on 2 cores): left at its default, every thread's matrix product would
     start a full team of BLAS threads and the cores would be oversubscribed (measured:
     the sharded GPT-2 small step 3.7 s instead of 2.1 s). The BLAS setting is the
     process's, so calls from several threads take turns (a lock) and other threads'
-    products see it until the items are done.
+    products see it until the items are done. A call made from inside an item runs
+    its own items one after another: the pool is busy with its caller.
     """
-    if len(items) == 1 and _profiles is None:
-        return [fn(*items[0])]
-    global _pool, _blas
+    if (len(items) == 1 and _profiles is None) or getattr(_worker, "busy", False):
+        return [fn(*item) for item in items]
+    global _pool, _pool_size, _blas
     with _lock:
-        if _pool is None:
+        if _pool_size != cpu_threads():  # first use, or $MINILORA_NUM_THREADS changed
             from threadpoolctl import ThreadpoolController
 
-            _pool = ThreadPoolExecutor(max_workers=cpu_threads(), thread_name_prefix="minilora")
+            if _pool is not None:
+                _pool.shutdown()
+            _pool_size = cpu_threads()
+            _pool = ThreadPoolExecutor(_pool_size, "minilora", initializer=_mark_worker)
             _blas = ThreadpoolController()
         with _blas.limit(limits=max(1, cpu_threads() // len(items)), user_api="blas"):
             if _profiles is not None:  # one profiler at a time (Python 3.12+): one item after another
                 return [_profiled(fn)(item) for item in items]
-            return list(_pool.map(lambda item: fn(*item), items))
+            futures = [_pool.submit(fn, *item) for item in items]
+            wait(futures)
+            return [future.result() for future in futures]
+
+
+def _mark_worker():
+    _worker.busy = True
 
 
 _profiles = None  # while profile_threads() is on: one cProfile.Profile per call run_parallel makes

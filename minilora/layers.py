@@ -16,6 +16,8 @@ hs = C // NH head size, V vocabulary.
 
 import math
 
+import numpy as np
+
 from .backend import get_array_module
 
 # ---------------------------------------------------------------------------- embedding
@@ -187,12 +189,35 @@ def gelu_backward(dout, cache):
 # ---------------------------------------------------------------------------- dropout
 
 
+class SequenceRNG:
+    """Dropout randomness drawn sequence by sequence: one numpy Generator per sequence
+    of the batch, so that a sequence's masks do not depend on how the batch is split
+    into shards (CPU cores) or on the device. ``rngs[lo:hi]`` is the generator of a
+    shard holding sequences lo..hi-1; ``random(shape)`` (shape[0] the batch) is all
+    dropout_forward asks of a generator."""
+
+    def __init__(self, seeds=(), generators=None):
+        self.generators = generators if generators is not None else [np.random.default_rng(s) for s in seeds]
+
+    def __getitem__(self, rows):
+        return SequenceRNG(generators=self.generators[rows])
+
+    def random(self, shape):
+        if shape[0] != len(self.generators):
+            raise ValueError(f"array of {shape[0]} sequences for the generators of {len(self.generators)}")
+        out = np.empty(shape)
+        for generator, sequence in zip(self.generators, out):
+            generator.random(out=sequence)
+        return out
+
+
 def dropout_forward(x, p, rng=None):
     """Inverted dropout: keep each entry with probability 1 - p and scale it by 1/(1 - p).
 
     p == 0 (or rng None, i.e. evaluation) is the identity and caches nothing.
-    rng: a numpy Generator; the mask is drawn on the host so CPU and GPU runs agree,
-    then moved to x's device. Cache: the scaled mask (same shape as x) or None.
+    rng: a numpy Generator or a SequenceRNG; the mask is drawn on the host so CPU and
+    GPU runs agree, then moved to x's device. Cache: the scaled mask (same shape as x)
+    or None.
     """
     if p == 0.0 or rng is None:
         return x, None

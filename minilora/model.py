@@ -17,6 +17,7 @@ import numpy as np
 
 from . import backend
 from .layers import (
+    SequenceRNG,
     attention_backward,
     attention_forward,
     dropout_backward,
@@ -302,15 +303,14 @@ class GPTModel:
         On the CPU the batch is split into one shard per core (``backend.batch_shards``),
         run in parallel threads: NumPy's elementwise work is single-threaded, so this is
         what puts every core to work on it. Each shard is the same computation on fewer
-        rows; the result is the same up to float rounding of the summed gradients, except
-        that dropout masks (when drop_rate or the LoRA dropout is on) are drawn per shard
-        and so depend on the number of shards.
+        rows; the result is the same up to float rounding of the summed gradients.
+        Dropout masks are drawn sequence by sequence, so they do not depend on the split.
         """
         self._cache = None  # drop the previous step's activations before making new ones
         idx = self.check_idx(idx)
         pos = None if positions is None else self._check_positions(positions, idx.shape)
         shards = backend.batch_shards(idx.shape[0], self.device)
-        rngs = self._shard_rngs(len(shards))
+        rngs = self._dropout_rngs(idx.shape[0], shards)
         outs = backend.run_parallel(
             lambda s, rng: self._forward_shard(idx[s], None if pos is None else pos[s], keep_cache, rng),
             list(zip(shards, rngs)))
@@ -318,14 +318,15 @@ class GPTModel:
         self._cache = [(s, cache) for s, (_, cache) in zip(shards, outs)] if keep_cache else None
         return logits
 
-    def _shard_rngs(self, n):
-        """One dropout generator per shard (None while dropout is off). A single shard
-        uses the model's own; several get children seeded from it, so that results do
-        not depend on which thread runs first."""
+    def _dropout_rngs(self, batch, shards):
+        """Each shard's dropout generator (None while dropout is off): one generator per
+        sequence, seeded from the model's own, so that the masks depend neither on the
+        number of shards nor on which thread runs first."""
         rng = self._rng()
-        if rng is None or n == 1:
-            return [rng] * n
-        return [np.random.default_rng(seed) for seed in rng.integers(2**63, size=n)]
+        if rng is None:
+            return [None] * len(shards)
+        per_sequence = SequenceRNG(rng.integers(2**63, size=batch))
+        return [per_sequence[s] for s in shards]
 
     def _forward_shard(self, idx, pos, keep_cache, rng):
         """(logits, cache) of one shard: idx (b, T) on the device, pos (b,) or None."""
@@ -388,7 +389,6 @@ class GPTModel:
     def _backward_shard(self, dlogits, cache):
         """Gradients (dict) of one shard, from its dlogits rows and its forward's cache."""
         c_emb, c_drop, blocks, rows, c_lnf, c_head = cache
-        del cache  # free each block's activations as the backward goes
         train = self._trainable_set
         p, grads = self.params, {}
         if "out_head.weight" in p:
@@ -407,6 +407,7 @@ class GPTModel:
         for i in reversed(range(lowest, self.cfg.n_layers)):
             h = f"h.{i}."
             below = i > lowest or embeddings_train  # does anything under block i train?
+            # pop: a block's activations are freed once its backward is done
             c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2 = blocks.pop()
             # x = x + m: the residual passes dx straight through and into the MLP branch
             (dm,) = dropout_backward(dx, c_drop2)

@@ -1,11 +1,13 @@
 """The batch split into shards run side by side on the CPU cores: the same gradients as
 one shard, every gradient still exact, BLAS threads limited only while the shards run."""
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_info
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import minilora as ml
 from minilora import backend
@@ -39,13 +41,22 @@ def test_thread_count_setting(monkeypatch):
     assert backend.cpu_threads() >= 1
 
 
-def test_run_parallel_keeps_order_raises_and_restores_blas_threads(monkeypatch):
+@pytest.fixture
+def blas_at_two():
+    """BLAS at 2 threads, so that a limit to 1 shows (on a 1-core machine, or with
+    OPENBLAS_NUM_THREADS=1, BLAS would already be at 1 and a missing limit pass unseen)."""
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = _blas_threads()
+        assert before and all(n == 2 for n in before), before
+        yield before
+
+
+def test_run_parallel_keeps_order_raises_and_restores_blas_threads(monkeypatch, blas_at_two):
     monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
-    before = _blas_threads()
     seen = backend.run_parallel(lambda i: (i * i, _blas_threads()), [(1,), (2,), (3,)])
     assert [r for r, _ in seen] == [1, 4, 9]
-    assert all(t == [1] * len(before) for _, t in seen)  # 2 threads // 3 shards -> 1 each
-    assert _blas_threads() == before
+    assert all(t == [1] * len(blas_at_two) for _, t in seen)  # 2 threads // 3 shards -> 1 each
+    assert _blas_threads() == blas_at_two
 
     def fails(i):
         if i == 2:
@@ -54,21 +65,53 @@ def test_run_parallel_keeps_order_raises_and_restores_blas_threads(monkeypatch):
 
     with pytest.raises(KeyError, match="shard 2"):
         backend.run_parallel(fails, [(1,), (2,), (3,)])
-    assert _blas_threads() == before
+    assert _blas_threads() == blas_at_two
 
 
-def test_concurrent_callers_take_turns_and_leave_blas_as_it_was(monkeypatch, tiny_cfg, tiny_idx):
+def test_run_parallel_lets_every_item_finish_before_raising(monkeypatch):
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+    finished = []
+
+    def item(i):
+        if i == 0:
+            raise MemoryError("shard 0")
+        time.sleep(0.3)
+        finished.append(i)
+
+    with pytest.raises(MemoryError, match="shard 0"):
+        backend.run_parallel(item, [(0,), (1,)])
+    assert finished == [1]
+
+
+def test_run_parallel_nested_call_and_more_threads(monkeypatch):
+    """A call from inside an item runs its items in turn instead of waiting on the busy
+    pool forever; a larger $MINILORA_NUM_THREADS gets a larger pool (3 items that wait
+    for each other only finish if all 3 run at once)."""
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+    result = []
+    outer = threading.Thread(target=lambda: result.extend(backend.run_parallel(
+        lambda i: sum(backend.run_parallel(lambda j: i * j, [(1,), (2,)])), [(1,), (10,)])), daemon=True)
+    outer.start()
+    outer.join(timeout=10)
+    assert not outer.is_alive(), "nested run_parallel deadlocked"
+    assert result == [3, 30]
+
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "3")
+    barrier = threading.Barrier(3, timeout=10)
+    assert backend.run_parallel(lambda i: barrier.wait() * 0 + i, [(0,), (1,), (2,)]) == [0, 1, 2]
+
+
+def test_concurrent_callers_take_turns_and_leave_blas_as_it_was(monkeypatch, blas_at_two, tiny_cfg, tiny_idx):
     """The BLAS limit is process-wide: evaluation forwards from several threads at once
     must neither mix their results nor leave BLAS at one thread."""
     monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
     model = ml.GPTModel(tiny_cfg, seed=2, dtype="float64").eval()
     expected = model.forward(tiny_idx, keep_cache=False)
-    before = _blas_threads()
     with ThreadPoolExecutor(4) as callers:
         outs = list(callers.map(lambda _: model.forward(tiny_idx, keep_cache=False), range(12)))
     for out in outs:
         np.testing.assert_array_equal(out, expected)
-    assert _blas_threads() == before
+    assert _blas_threads() == blas_at_two
 
 
 def _lora_model(cfg, dtype="float64"):
@@ -111,19 +154,26 @@ def test_sharded_gradients_match_finite_differences(monkeypatch, tiny_cfg):
     assert result.passed and result.max_rel_error < MODEL_TOL, result.errors
 
 
-def test_sharded_dropout_is_reproducible(monkeypatch, tiny_cfg, tiny_idx):
-    """Each shard draws its masks from its own generator, seeded from the model's: the
-    same seed gives the same step whichever thread runs first."""
-    monkeypatch.setenv("MINILORA_NUM_THREADS", "2")
+@pytest.mark.parametrize("positions", [None, [4, 2, 0, 3, 1]])
+def test_dropout_masks_do_not_depend_on_the_shards(monkeypatch, tiny_cfg, positions):
+    """Masks are drawn sequence by sequence from generators seeded by the model's: 1, 2
+    or 3 shards (and any thread order) give the same logits and gradients, and a second
+    model with the same seed the same step again."""
     cfg = ml.GPTConfig(**{**tiny_cfg.to_dict(), "drop_rate": 0.3})
+    idx = np.random.default_rng(7).integers(0, cfg.vocab_size, (5, 5))
     runs = []
-    for _ in range(2):
+    for threads in ("1", "2", "3", "3"):
+        monkeypatch.setenv("MINILORA_NUM_THREADS", threads)
         model = ml.GPTModel(cfg, seed=5, dtype="float64")
-        logits = model.forward(tiny_idx)
-        runs.append((logits, model.backward(np.ones_like(logits))["h.0.mlp.c_fc.weight"]))
-    np.testing.assert_array_equal(runs[0][0], runs[1][0])
-    np.testing.assert_array_equal(runs[0][1], runs[1][1])
-    assert not np.allclose(runs[0][0], ml.GPTModel(cfg, seed=5, dtype="float64").eval().forward(tiny_idx))
+        ml.apply_lora(model, rank=2, alpha=2, seed=3, dropout=0.2)
+        logits = model.forward(idx, positions=positions)
+        runs.append((logits, model.backward(np.ones_like(logits))))
+    for logits, grads in runs[1:]:
+        np.testing.assert_allclose(logits, runs[0][0], rtol=0, atol=1e-12)
+        for name, g in runs[0][1].items():
+            np.testing.assert_allclose(grads[name], g, rtol=0, atol=1e-12, err_msg=name)
+    no_dropout = ml.GPTModel(cfg, seed=5, dtype="float64").eval().forward(idx, positions=positions)
+    assert not np.allclose(runs[0][0], no_dropout)
 
 
 def test_benchmark_profiles_and_floors_every_shard(monkeypatch, tiny_cfg):
