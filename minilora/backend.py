@@ -208,16 +208,17 @@ def run_parallel(fn, items):
     if (len(items) == 1 and _profiles is None) or getattr(_worker, "busy", False):
         return [fn(*item) for item in items]
     global _pool, _pool_size, _blas
+    threads = cpu_threads()
     with _lock:
-        if _pool_size != cpu_threads():  # first use, or $MINILORA_NUM_THREADS changed
+        if _pool_size != threads:  # first use, or $MINILORA_NUM_THREADS changed
             from threadpoolctl import ThreadpoolController
 
             if _pool is not None:
                 _pool.shutdown()
-            _pool_size = cpu_threads()
-            _pool = ThreadPoolExecutor(_pool_size, "minilora", initializer=_mark_worker)
+            _pool_size = threads
+            _pool = ThreadPoolExecutor(threads, "minilora", initializer=_mark_worker)
             _blas = ThreadpoolController()
-        with _blas.limit(limits=max(1, cpu_threads() // len(items)), user_api="blas"):
+        with _blas.limit(limits=max(1, threads // len(items)), user_api="blas"):
             if _profiles is not None:  # one profiler at a time (Python 3.12+): one item after another
                 return [_profiled(fn)(item) for item in items]
             futures = [_pool.submit(fn, *item) for item in items]

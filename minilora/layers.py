@@ -196,11 +196,15 @@ class SequenceRNG:
     shard holding sequences lo..hi-1; ``random(shape)`` (shape[0] the batch) is all
     dropout_forward asks of a generator."""
 
-    def __init__(self, seeds=(), generators=None):
-        self.generators = generators if generators is not None else [np.random.default_rng(s) for s in seeds]
+    def __init__(self, generators):
+        self.generators = generators
+
+    @classmethod
+    def from_seeds(cls, seeds):
+        return cls([np.random.default_rng(seed) for seed in seeds])
 
     def __getitem__(self, rows):
-        return SequenceRNG(generators=self.generators[rows])
+        return SequenceRNG(self.generators[rows])
 
     def random(self, shape):
         if shape[0] != len(self.generators):

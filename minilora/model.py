@@ -325,7 +325,7 @@ class GPTModel:
         rng = self._rng()
         if rng is None:
             return [None] * len(shards)
-        per_sequence = SequenceRNG(rng.integers(2**63, size=batch))
+        per_sequence = SequenceRNG.from_seeds(rng.integers(2**63, size=batch))
         return [per_sequence[s] for s in shards]
 
     def _forward_shard(self, idx, pos, keep_cache, rng):
