@@ -6,13 +6,17 @@ import sys
 
 
 def cmd_gradcheck(args):
-    from .gradcheck import format_table, run_gradchecks
+    from .gradcheck import format_table, load_layers, run_gradchecks
 
-    results = run_gradchecks(device=args.device, seed=args.seed)
+    only = [name for arg in args.only or [] for name in arg.split(",") if name]
+    fns = load_layers(args.module) if args.module else None
+    results = run_gradchecks(device=args.device, seed=args.seed, only=only, fns=fns)
     passed = all(r.passed for r in results)
     if args.json:
         print(json.dumps({"passed": passed, "checks": [r.to_dict() for r in results]}, indent=2))
     else:
+        if args.module:
+            print(f"Layers from {args.module}:")
         print(format_table(results))
         print(f"\n{sum(r.passed for r in results)}/{len(results)} checks passed"
               f" (float64, central differences, h=1e-5)")
@@ -233,6 +237,12 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--device", default=None, help="cpu or cuda (default: $MINILORA_DEVICE or cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--only", action="append", metavar="NAME",
+                   help="run only this check (repeatable or comma-separated; a layer name also runs its "
+                        "variants, e.g. attention -> attention_dropout, attention_one_query)")
+    p.add_argument("--module", metavar="FILE",
+                   help="check the *_forward/*_backward functions of this Python file instead of minilora's "
+                        "(e.g. examples/exercises/layers.py); reports each layer passed / failed / not implemented")
     p.set_defaults(func=cmd_gradcheck)
     return parser
 

@@ -41,7 +41,7 @@ def test_gradcheck_exits_1_when_a_backward_is_broken(monkeypatch, capsys):
     import minilora.gradcheck as gc
     import minilora.model as model_mod
 
-    monkeypatch.setattr(gc, "gelu_backward", broken_gelu_backward)
+    monkeypatch.setattr(gc.PROJECT_LAYERS, "gelu_backward", broken_gelu_backward)
     monkeypatch.setattr(model_mod, "gelu_backward", broken_gelu_backward)
     assert cli.main(["gradcheck", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
