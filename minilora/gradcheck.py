@@ -10,6 +10,14 @@ compared with the norm relative error ||a - n|| / (||a|| + ||n||). Central
 differences are exact to O(h^2) ~ 1e-10, so a correct backward lands far below
 1e-7, and a wrong one (a dropped term) lands near 1 (CS231n ``gradient_check.py``;
 HIPS/autograd ``test_util.py``).
+
+A check that fails says where: the input (or model parameter) whose gradient is
+furthest off, and in it the entry where the analytic and numerical values differ
+most, with both values (CS231n's ``grad_check_sparse`` prints the same pair). The
+checks are a list of named, not yet run ``Check``s, so ``minilora gradcheck --only
+NAME`` runs only what it names, and the layer checks take their functions from a
+namespace: minilora's own layers, or a learner's file (``--module``, see
+examples/exercises/), which then goes through exactly the same checks.
 """
 
 import importlib.util
@@ -32,9 +40,8 @@ MODEL_TOL = 1e-6
 LAYER_FUNCTIONS = [f"{layer}_{half}" for layer in ("embedding", "linear", "layernorm", "gelu", "dropout",
                                                    "attention", "cross_entropy", "lora_linear")
                    for half in ("forward", "backward")]
-PROJECT_LAYERS = types.SimpleNamespace(
-    **{name: getattr(layers, name) for name in LAYER_FUNCTIONS if hasattr(layers, name)},
-    lora_linear_forward=lora.lora_linear_forward, lora_linear_backward=lora.lora_linear_backward)
+PROJECT_LAYERS = types.SimpleNamespace(**{name: getattr(layers, name, None) or getattr(lora, name)
+                                           for name in LAYER_FUNCTIONS})
 
 
 @dataclass
