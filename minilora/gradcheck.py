@@ -148,7 +148,7 @@ def layer_checks(xp, seed=0):
 
 def tiny_config():
     """The tiny GPT-2 the model checks use: V=11, T<=7, C=8, NH=2, L=2."""
-    from .model import GPTConfig
+    from .config import GPTConfig
 
     return GPTConfig(vocab_size=11, context_length=7, emb_dim=8, n_heads=2, n_layers=2, drop_rate=0.0)
 
