@@ -1,10 +1,20 @@
-"""GPT-2: configuration, parameters under the Hugging Face names, forward and backward.
+"""GPT-2: parameters under the Hugging Face names, forward and backward, fast.
 
 The forward keeps what the backward needs; the backward is the forward read in
 reverse, one call per line (karpathy/llm.c ``train_gpt2.c``). Parameters live in
 one flat dict ``model.params`` under the names of the Hugging Face GPT-2
 checkpoint ("wte.weight", "h.0.attn.c_attn.weight", ..., "ln_f.bias"), weights
 stored (in, out) so every linear is ``x @ w + b`` (jaymody/picoGPT).
+
+This is the fast path. Read ``minilora/reference.py`` first: the same forward and
+backward with nothing but the math (tests/test_reference.py holds the two equal to
+1e-12 in float64). What this file adds, each marked where it happens:
+  - shards: on the CPU the batch runs as one shard per core, in threads (forward);
+  - frozen means no work: no dW, no layernorm dw/db, no scatter-add for frozen
+    parameters, and the backward stops under the lowest block that trains anything;
+  - the last-block trim: with ``positions`` the last block after its attention, the
+    final layernorm and the head run on the rows the loss reads, not on every row;
+  - activations freed as the backward consumes them, residual gradients added in place.
 
 References: Radford et al. 2019 (GPT-2); Raschka, "Build a Large Language Model
 (From Scratch)", ch. 4 and appendix E; karpathy/nanoGPT ``model.py``.
@@ -231,9 +241,9 @@ class GPTModel:
             rows alone and the logits are (B, n_out). backward then takes dlogits (B, n_out).
         keep_cache=False skips keeping the activations backward needs (evaluation).
 
-        On the CPU the batch is split into one shard per core (``backend.batch_shards``),
-        run in parallel threads: NumPy's elementwise work is single-threaded, so this is
-        what puts every core to work on it. Each shard is the same computation on fewer
+        Shards (not in reference.forward): on the CPU the batch is split into one shard
+        per core (``backend.batch_shards``), run in parallel threads: NumPy's elementwise
+        work is single-threaded, so this is what puts every core to work on it. Each shard is the same computation on fewer
         rows; the result is the same up to float rounding of the summed gradients.
         Dropout masks are drawn sequence by sequence, so they do not depend on the split.
         """
@@ -269,8 +279,10 @@ class GPTModel:
         blocks = []
         for i in range(cfg.n_layers):
             h = f"h.{i}."
-            # With positions, the last block computes only the rows the loss reads, once
-            # its attention has used the keys and values of every position.
+            # The last-block trim: with positions, the last block computes only the rows the
+            # loss reads, once its attention has used the keys and values of every
+            # position (reference.forward computes every row and picks them from the
+            # logits; by causality the chosen rows are the same numbers).
             query_pos = pos if i == cfg.n_layers - 1 else None
             a, c_ln1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], LN_EPS)
             a, c_qkv = self._linear_forward(h + "attn.c_attn", a, rng)  # [B, T, 3C]
@@ -331,7 +343,8 @@ class GPTModel:
         dx, dw, db = layernorm_backward(dx, c_lnf, self._trains("ln_f."))
         self._accumulate_pair(grads, "ln_f.", dw, db)
         # Frozen means no work: below the lowest block that trains anything, and under a
-        # frozen embedding, no gradient is needed, so the backward stops there.
+        # frozen embedding, no gradient is needed, so the backward stops there
+        # (reference.backward runs every block down to the embedding, always).
         embeddings_train = "wte.weight" in train or "wpe.weight" in train
         trained_blocks = [int(n.split(".")[1]) for n in train if n.startswith("h.")]
         lowest = 0 if embeddings_train else min(trained_blocks, default=self.cfg.n_layers)
@@ -347,7 +360,9 @@ class GPTModel:
             dm = self._linear_backward(h + "mlp.c_fc", dm, c_fc, grads)
             dm, dw, db = layernorm_backward(dm, c_ln2, self._trains(h + "ln_2."))
             self._accumulate_pair(grads, h + "ln_2.", dw, db)
-            dx += dm  # in place: dx is this backward's own array, held by no cache
+            # reference: dx = dx + dm; in place here, since dx is this backward's own array,
+            # held by no cache
+            dx += dm
             if not below and not any(n.startswith((h + "attn.", h + "ln_1.")) for n in train):
                 break  # the attention branch and everything under it are frozen
             # x = x + a: likewise for the attention branch
