@@ -8,7 +8,9 @@ the shape and norm of every activation gradient as it flows from the loss down t
 embeddings. Where the forward fans out, the backward adds: the two residual connections
 of each block, and wte, used both by the embedding and by the (tied) LM head. At the end
 the parameter gradients are compared with GPTModel.backward's. The picture:
-docs/diagrams.md; the math: docs/derivations.md#the-whole-model.
+docs/diagrams.md; the math: docs/derivations.md#the-whole-model. (minilora/reference.py
+does the same for the whole model in one function, returning every activation's
+gradient in a dict, dacts.)
 """
 
 import numpy as np

@@ -8,8 +8,9 @@ returns when fed G, and its numerical gradient is, entry by entry,
 
 compared with the norm relative error ||a - n|| / (||a|| + ||n||). Central
 differences are exact to O(h^2) ~ 1e-10, so a correct backward lands far below
-1e-7, and a wrong one (a dropped term) lands near 1 (CS231n ``gradient_check.py``;
-HIPS/autograd ``test_util.py``).
+1e-7, and a wrong one lands far above it: the dropped terms the tests try give
+errors from about 0.1 to 0.7 (CS231n ``gradient_check.py``; HIPS/autograd
+``test_util.py``). docs/derivations.md#checking-it-finite-differences explains it.
 
 A check that fails says where: the input (or model parameter) whose gradient is
 furthest off, and in it the entry where the analytic and numerical values differ
@@ -203,7 +204,7 @@ def layer_checks(xp, seed=0, fns=PROJECT_LAYERS):
 
 def tiny_config():
     """The tiny GPT-2 the model checks use: V=11, T<=7, C=8, NH=2, L=2."""
-    from .model import GPTConfig
+    from .config import GPTConfig
 
     return GPTConfig(vocab_size=11, context_length=7, emb_dim=8, n_heads=2, n_layers=2, drop_rate=0.0)
 
@@ -248,6 +249,47 @@ def model_checks(device="cpu", seed=0):
     return [Check("gpt2", gpt2, MODEL_TOL), Check("gpt2_lora", gpt2_lora, MODEL_TOL)]
 
 
+def check_reference(params, idx, n_heads, lora_scale, positions, name, seed=0, tol=MODEL_TOL, h=1e-5):
+    """Finite-difference check of every parameter of the reference model
+    (minilora/reference.py), with the loss sum(logits * G) for a random G."""
+    from . import reference
+
+    logits, acts = reference.forward(params, idx, n_heads, lora_scale, positions)
+    G = np.random.default_rng(seed).standard_normal(logits.shape)
+    grads, _ = reference.backward(G, params, acts, n_heads, lora_scale)
+
+    def loss():
+        return float((reference.forward(params, idx, n_heads, lora_scale, positions)[0] * G).sum())
+
+    numeric = {n: numerical_gradient(loss, params[n], h) for n in params}
+    return compare(name, grads, numeric, tol)
+
+
+def reference_checks(seed=0):
+    """The reference model (always NumPy): the plain GPT-2 with its tied LM head, and
+    with LoRA on every linear, a 3-class head read at one position per sequence; not yet run."""
+    from .lora import apply_lora
+    from .model import GPTModel
+
+    idx = np.array([[1, 3, 3, 0, 10], [3, 7, 1, 1, 3]])  # repeated ids
+    cfg = tiny_config()
+
+    def plain():
+        params = GPTModel(cfg, seed=seed, dtype="float64").params
+        return check_reference(params, idx, cfg.n_heads, 1.0, None, "reference", seed)
+
+    def with_lora():
+        model = apply_lora(GPTModel(cfg, seed=seed, dtype="float64").replace_head(3), rank=2, alpha=3, seed=seed)
+        rng = np.random.default_rng(seed + 1)
+        for n in model.trainable:  # B non-zero, so that every LoRA gradient is exercised
+            if n.endswith("lora_B"):
+                model.params[n][...] = rng.standard_normal(model.params[n].shape) * 0.5
+        return check_reference(model.params, idx, cfg.n_heads, model.lora.scale, np.array([4, 2]),
+                               "reference_lora", seed)
+
+    return [Check("reference", plain, MODEL_TOL), Check("reference_lora", with_lora, MODEL_TOL)]
+
+
 def run_check(check):
     """Run one check. A backward that raises NotImplementedError (an exercise stub) comes
     back "not implemented", any other exception as a failure that names it: one broken
@@ -285,13 +327,13 @@ def load_layers(path):
 
 
 def run_gradchecks(device="cpu", seed=0, only=None, fns=None):
-    """Run the checks and return their CheckResults: each layer, then the whole model with
-    and without LoRA. only: names to run (see select). fns: a learner's layer functions
-    (see layer_checks); then only the layer checks run, since the model checks exercise the
-    project's model, not those functions."""
+    """Run the checks and return their CheckResults: each layer, the whole model with and
+    without LoRA, and the reference model. only: names to run (see select). fns: a learner's layer functions
+    (see layer_checks); then only the layer checks run, since the model and reference
+    checks exercise the project's models, not those functions."""
     xp = backend.get_xp(device)
     if fns is None:
-        checks = layer_checks(xp, seed) + model_checks(device, seed)
+        checks = layer_checks(xp, seed) + model_checks(device, seed) + reference_checks(seed)
     else:
         checks = layer_checks(xp, seed, fns)
     return [run_check(c) for c in select(checks, only)]

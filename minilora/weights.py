@@ -21,7 +21,7 @@ import numpy as np
 
 from .cache import cache_dir, is_offline
 from .download import download
-from .model import PRESET_ALIASES, PRESETS, GPTConfig, param_shapes
+from .config import PRESET_ALIASES, PRESETS, GPTConfig, param_shapes
 
 HF_ENDPOINT = "https://huggingface.co"
 HF_REPOS = {"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
