@@ -21,8 +21,14 @@ def test_start_here_links_point_at_files():
         assert (ROOT / link).is_file(), link
 
 
-def test_start_here_snippet_runs_and_prints_what_it_says():
-    (code,) = re.findall(r"```python\n(.*?)```", start_here(), re.S)
+def run(code):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == ["(2, 5, 8) (8, 32)", "True"]
+    return out.stdout.splitlines()
+
+
+def test_start_here_snippets_run_and_print_what_they_say():
+    reference_snippet, training_snippet = re.findall(r"```python\n(.*?)```", start_here(), re.S)
+    assert run(reference_snippet)[:2] == ["(2, 5, 8) (8, 32)", "True"]
+    losses = [float(line.split()[-1]) for line in run(training_snippet)]
+    assert len(losses) == 6 and losses[-1] < 0.1 * losses[0]  # the loss falls
