@@ -209,11 +209,11 @@ def apply_lora(model, rank=16, alpha=16, scaling="alpha_over_r", targets="all", 
     # alpha 0 makes the scale 0: the adapters would train without ever changing the output
     if not (isinstance(alpha, (int, float, np.number)) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"LoRA alpha must be a positive finite number, got {alpha!r}")
+    scale = lora_scale(alpha, rank, scaling)
     if rank > model.cfg.emb_dim:  # every adapted layer has emb_dim inputs or outputs
         raise ValueError(f"LoRA rank {rank} exceeds the model width {model.cfg.emb_dim}: the update "
                          f"A @ B of a layer with {model.cfg.emb_dim} inputs or outputs has rank at most "
                          f"{model.cfg.emb_dim}")
-    scale = lora_scale(alpha, rank, scaling)
     sites = adapter_sites(model)
     if targets is None or (not isinstance(targets, str) and len(targets) == 0) or targets == "":
         raise ValueError(f"LoRA targets {targets!r} select no layer: nothing would be trained; use "
