@@ -25,8 +25,8 @@ class WriteError(RuntimeError):
 
     def __init__(self, path, exc):
         self.path, self.errno = Path(path), getattr(exc, "errno", None)
-        reason = getattr(exc, "strerror", None) or str(exc)
-        super().__init__(f"cannot write {path}: {reason}")
+        self.reason = exc.reason if isinstance(exc, WriteError) else getattr(exc, "strerror", None) or str(exc)
+        super().__init__(f"cannot write {path}: {self.reason}")
 
 
 def _temporary(path, folder=False):
@@ -90,7 +90,7 @@ def atomic_folder(folder):
             os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
+    except (OSError, WriteError) as exc:  # name the folder, not a file inside its temporary
         raise WriteError(folder, exc) from exc
     finally:
         if tmp is not None:
