@@ -178,8 +178,8 @@ def cmd_generate(args):
     from .model import GPTModel
     from .tokenizer import get_tokenizer
 
+    tok = get_tokenizer(offline=args.offline or None)  # the small file first: a missing one is reported sooner
     model = GPTModel.from_pretrained(args.model, dtype=args.dtype, device=args.device, offline=args.offline or None)
-    tok = get_tokenizer(offline=args.offline or None)
     print(generate_text(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, seed=args.seed))
     return 0
@@ -364,7 +364,6 @@ def main(argv=None):
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("default")
             warnings.showwarning = _show_warning
             return args.func(args)
     except KeyboardInterrupt as e:
