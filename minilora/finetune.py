@@ -3,12 +3,17 @@ training, final accuracies, and a run folder.
 
 Run folder layout (``output_dir``):
 
-    run_config.json   the options of the run (a resumed run must use the same ones)
+    run_config.json   the options of the run (a resumed run must use the same ones, but
+                      may ask for more epochs)
     checkpoint/       the latest checkpoint (adapter + optimizer + loop state)
-    adapter/          the trained adapter, loadable with minilora.load_adapter
+    adapter/          the trained adapter, loadable with minilora.load_adapter; it records
+                      its base model, class names, max length, padding and pooling
     history.csv       one row per step: loss, lr, and the evaluations where made
-    metrics.json      dataset sizes, parameter counts, final accuracies, seconds
+    metrics.json      dataset sizes, parameter counts, final accuracies, seconds (strict
+                      JSON: never NaN)
     loss.png, accuracy.png
+
+Every file is written through minilora.files (whole or not at all).
 """
 
 import csv
