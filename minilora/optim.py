@@ -8,8 +8,10 @@ and torch's single-tensor ``_single_tensor_adamw``):
     v  <- b2 * v + (1 - b2) * g^2
     p  <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-eps is added after the square root and the bias corrections, as torch does. Every
-trained tensor is decayed (the book passes model.parameters() with weight_decay=0.1).
+eps is added after the square root and the bias corrections, as torch does; this is
+the textbook p <- p - lr * m_hat / (sqrt(v_hat) + eps) rearranged (the proof, and why the
+bias correction: docs/derivations.md#adamw). Every trained tensor is decayed (the book
+passes model.parameters() with weight_decay=0.1).
 """
 
 import math

@@ -22,8 +22,8 @@ import numpy as np
 
 from .cache import cache_dir, is_offline
 from .download import download
+from .config import PRESET_ALIASES, PRESETS, GPTConfig, param_shapes
 from .files import atomic_path, write_text
-from .model import PRESET_ALIASES, PRESETS, GPTConfig, param_shapes
 
 HF_ENDPOINT = "https://huggingface.co"
 HF_REPOS = {"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
