@@ -259,6 +259,22 @@ def test_a_real_full_file_system(offline, tiny_model, tmp_path, capsys):
         subprocess.run(["umount", str(disk)])
 
 
+def test_a_failed_checkpoint_keeps_the_previous_one(tiny_cfg, tmp_path, monkeypatch):
+    from minilora.files import WriteError
+
+    model = ml.GPTModel(tiny_cfg, seed=0)
+    model.replace_head(2)
+    ml.apply_lora(model, rank=2, alpha=2)
+    opt, ckpt = ml.AdamW(model), tmp_path / "checkpoint"
+    train_mod.save_checkpoint(ckpt, model, opt, train_mod.LoopState(step=1))
+    _fill_disk_when(train_mod, lambda p: True, monkeypatch)
+    with pytest.raises(WriteError, match=f"cannot write {ckpt}: No space left on device"):
+        train_mod.save_checkpoint(ckpt, model, opt, train_mod.LoopState(step=2))
+    assert train_mod.read_loop_state(ckpt).step == 1 and leftovers(tmp_path) == []
+    os.replace(ckpt, tmp_path / "checkpoint.old")  # as a crash between atomic_folder's two renames leaves it
+    assert train_mod.has_checkpoint(ckpt) and train_mod.read_loop_state(ckpt).step == 1
+
+
 def test_output_dir_that_cannot_be_a_folder(offline, tiny_model, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert finetune(tiny_model, write_csv(tmp_path / "d.csv"), tmp_path / "file" / "run") == 1
