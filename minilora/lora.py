@@ -209,9 +209,22 @@ def apply_lora(model, rank=16, alpha=16, scaling="alpha_over_r", targets="all", 
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    # alpha 0 makes the scale 0: the adapters would train without ever changing the output
+    if not (isinstance(alpha, (int, float, np.number)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"LoRA alpha must be a positive finite number, got {alpha!r}")
     scale = lora_scale(alpha, rank, scaling)
+    if rank > model.cfg.emb_dim:  # every adapted layer has emb_dim inputs or outputs
+        raise ValueError(f"LoRA rank {rank} exceeds the model width {model.cfg.emb_dim}: the update "
+                         f"A @ B of a layer with {model.cfg.emb_dim} inputs or outputs has rank at most "
+                         f"{model.cfg.emb_dim}")
     sites = adapter_sites(model)
+    if targets is None or (not isinstance(targets, str) and len(targets) == 0) or targets == "":
+        raise ValueError(f"LoRA targets {targets!r} select no layer: nothing would be trained; use "
+                         f"'all', 'attention' or names such as {list(sites)[:3]}")
     prefixes = resolve_targets(model, targets, layers)
+    if not prefixes:  # e.g. layers=[] : nothing left to train either
+        raise ValueError(f"LoRA targets {targets!r} with layers {layers!r} select no layer: nothing "
+                         f"would be trained")
     rng = np.random.default_rng(seed)
     bound = 1.0 / math.sqrt(rank)
     adapters = []

@@ -257,6 +257,7 @@ class GPTModel:
             list(zip(shards, rngs)))
         logits = outs[0][0] if len(outs) == 1 else self.xp.concatenate([out for out, _ in outs])
         self._cache = [(s, cache) for s, (_, cache) in zip(shards, outs)] if keep_cache else None
+        self._logits_shape = tuple(logits.shape)  # what backward's dlogits must be
         return logits
 
     def _dropout_rngs(self, batch, shards):
@@ -320,6 +321,9 @@ class GPTModel:
                                "(and one forward per backward)")
         if self.lora is not None and self.lora.merged and set(self.lora.param_names) & set(self.trainable):
             raise RuntimeError("LoRA adapters are merged into the weights: unmerge_lora(model) before training")
+        if tuple(dlogits.shape) != self._logits_shape:  # else it fails deep inside a layer
+            raise ValueError(f"dlogits has shape {tuple(dlogits.shape)}, the logits of the last "
+                             f"forward have shape {self._logits_shape}")
         shards, self._cache = self._cache, None  # backward consumes the activations
         self._trainable_set = set(self.trainable)
         parts = backend.run_parallel(lambda s, cache: self._backward_shard(dlogits[s], cache), shards)

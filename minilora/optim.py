@@ -55,6 +55,13 @@ def clip_grad_norm(grads, max_norm):
     return total
 
 
+def _check_lr(lr):
+    """A learning rate must be finite and >= 0 (a negative one climbs the loss)."""
+    if not (isinstance(lr, (int, float, np.number)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"AdamW learning rate must be a finite number >= 0, got {lr!r}")
+    return lr
+
+
 class AdamW:
     """AdamW over `model.params`, updating the parameters named in the grads dict.
 
@@ -66,6 +73,13 @@ class AdamW:
                  max_grad_norm=None):
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not callable(lr):
+            _check_lr(lr)
+        for name, value in (("eps", eps), ("weight_decay", weight_decay)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"AdamW {name} must be a finite number >= 0, got {value!r}")
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"AdamW max_grad_norm must be a finite number > 0 (or None), got {max_grad_norm!r}")
         self.model = model
         self.schedule = lr if callable(lr) else constant_schedule(lr)
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
@@ -89,10 +103,17 @@ class AdamW:
         unknown = [n for n in grads if n not in params]
         if unknown:
             raise KeyError(f"gradients for unknown parameters: {unknown[:5]}")
+        lora = getattr(self.model, "lora", None)
+        if lora is not None and lora.merged and any(n in grads for n in lora.param_names):
+            # merged weights hold W + s*A@B of the old A, B: unmerging after a step on A, B
+            # would subtract the new product and leave W corrupted
+            raise RuntimeError("LoRA adapters are merged into the weights: unmerge_lora(model) before "
+                               "an optimizer step on them")
+        lr = _check_lr(self.schedule(self.step_count + 1))
         norm = clip_grad_norm(grads, self.max_grad_norm) if self.max_grad_norm else None
         self.step_count += 1
         t = self.step_count
-        lr = self.last_lr = self.schedule(t)
+        self.last_lr = lr
         b1, b2 = self.betas
         step_size = lr / (1.0 - b1 ** t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** t)
