@@ -137,15 +137,19 @@ class AdamW:
         for dtype in dict.fromkeys(params[n].dtype for n in names):
             group = [n for n in names if params[n].dtype == dtype]
             xp = get_array_module(params[group[0]])
-            flat = [xp.concatenate([a[n].reshape(-1) if n in a else xp.zeros(params[n].size, dtype)
-                                    for n in group]) for a in (params, self.m, self.v)]
+            size = sum(params[n].size for n in group)
+            flat_p, flat_m, flat_v = xp.empty(size, dtype), xp.zeros(size, dtype), xp.zeros(size, dtype)
             offset = 0
-            for n in group:
-                size, shape = params[n].size, params[n].shape
-                params[n], self.m[n], self.v[n] = (f[offset:offset + size].reshape(shape) for f in flat)
+            for n in group:  # one tensor at a time: each old array is freed once copied
+                shape, end = params[n].shape, offset + params[n].size
+                for flat, arrays in ((flat_p, params), (flat_m, self.m), (flat_v, self.v)):
+                    view = flat[offset:end].reshape(shape)
+                    if n in arrays:
+                        view[...] = arrays[n]
+                    arrays[n] = view
                 self._views[n] = params[n]
-                offset += size
-            self._groups.append((group, *flat))
+                offset = end
+            self._groups.append((group, flat_p, flat_m, flat_v))
 
     @property
     def lr(self):
