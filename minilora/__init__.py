@@ -6,7 +6,9 @@
 """
 
 from .adapters import AdapterError, load_adapter, save_adapter
+from . import reference  # the plain model a learner reads first: ml.reference.forward/backward
 from .backend import cuda_available, to_numpy
+from .config import PRESETS, GPTConfig
 from .lora import (
     apply_lora,
     disable_lora,
@@ -15,7 +17,7 @@ from .lora import (
     remove_lora,
     unmerge_lora,
 )
-from .model import PRESETS, GPTConfig, GPTModel
+from .model import GPTModel
 from .optim import AdamW, clip_grad_norm, constant_schedule, warmup_cosine_schedule
 
 __version__ = "0.1.0"

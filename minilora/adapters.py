@@ -6,7 +6,8 @@ An adapter folder holds two files:
                             head was replaced (it is random and frozen, so the adapter
                             is useless without the exact head it was trained with)
     adapter_config.json     rank, alpha, scaling, dropout, targets, base model name and
-                            config, number of classes
+                            config, number of classes and their names, and how the
+                            texts were fed in training (max length, padding, pooling)
 
 Both are written to temporary files and renamed into place, so an interrupted save
 never leaves a half-written adapter. Loading checks everything against the model
@@ -14,13 +15,13 @@ before changing anything: on any mismatch the model is left exactly as it was.
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .backend import to_numpy
+from .files import atomic_path, write_text
 from .lora import adapter_sites, apply_lora
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -32,38 +33,30 @@ class AdapterError(ValueError):
     """An adapter that is malformed or does not fit the model it is loaded into."""
 
 
-def _atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path to path (same folder, so atomic)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_adapter(model, folder, base_model=None, class_names=None, max_length=None):
+def save_adapter(model, folder, base_model=None, class_names=None, max_length=None, pool=None, pad=None):
     """Write the model's LoRA adapter (and replaced head) to `folder`. Returns the folder.
 
-    base_model, class_names, max_length: recorded in the config for whoever loads it
-    (the base weights to load, the label of each class, the padded training length).
+    Recorded in the config for whoever loads it, so that the adapter alone says how to
+    use it: base_model (the base weights: a preset, a URL or an absolute path),
+    class_names (the label of each class), max_length (the padded training length),
+    pool ("last" or "last_real": where the logits were read) and pad ("dataset" or
+    "longest_in_batch"). The last two change the logits the head was trained on.
     """
     if model.lora is None:
         raise AdapterError("the model has no LoRA adapters to save")
     if model.lora.merged:
         raise AdapterError("unmerge_lora(model) before saving: merged weights hide the adapter")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     names = model.lora.param_names + [n for n in ("out_head.weight", "out_head.bias") if n in model.params]
     tensors = {n: np.ascontiguousarray(to_numpy(model.params[n])) for n in names}
     config = {"format": FORMAT, **model.lora.config(), "base_model": base_model,
               "model_config": model.cfg.to_dict(),
               "num_classes": model.n_out if "out_head.weight" in model.params else None,
-              "class_names": None if class_names is None else list(class_names), "max_length": max_length}
-    _atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "np"}))
-    _atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
+              "class_names": None if class_names is None else list(class_names), "max_length": max_length,
+              "pool": pool, "pad": pad}
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "np"})
+    write_text(folder / CONFIG_FILE, json.dumps(config, indent=2))
     return folder
 
 

@@ -1,18 +1,60 @@
-"""The `minilora` command line. Library modules never print; this one does."""
+"""The `minilora` command line. Library modules never print; this one does.
+
+Every expected failure (bad input, a missing or broken file, no network, a full disk)
+ends with one line on stderr naming the problem and exit status 1 (2 for a malformed
+command line, as argparse does); SIGTERM is handled like Ctrl-C.
+"""
 
 import argparse
 import json
+import math
+import signal
 import sys
+import threading
+import warnings
+from pathlib import Path
+
+from . import __version__
+
+
+def _int_at_least(least):
+    """An argparse type: an integer >= least (argparse names the option in its error)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {value}")
+        return value
+    return parse
+
+
+def _float_at_least(least):
+    """An argparse type: a finite number >= least."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and value >= least):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {least:g}, got {text}")
+        return value
+    return parse
 
 
 def cmd_gradcheck(args):
-    from .gradcheck import format_table, run_gradchecks
+    from .gradcheck import format_table, load_layers, run_gradchecks
 
-    results = run_gradchecks(device=args.device, seed=args.seed)
+    only = [name for arg in args.only or [] for name in arg.split(",") if name]
+    fns = load_layers(args.module) if args.module else None
+    results = run_gradchecks(device=args.device, seed=args.seed, only=only, fns=fns)
     passed = all(r.passed for r in results)
     if args.json:
         print(json.dumps({"passed": passed, "checks": [r.to_dict() for r in results]}, indent=2))
     else:
+        if args.module:
+            print(f"Layers from {args.module}:")
         print(format_table(results))
         print(f"\n{sum(r.passed for r in results)}/{len(results)} checks passed"
               f" (float64, central differences, h=1e-5)")
@@ -26,37 +68,82 @@ def cmd_finetune(args):
         model=args.model, data=args.data, recipe=args.recipe, rank=args.rank, alpha=args.alpha,
         scaling=args.scaling, targets=args.targets, lr=args.lr, epochs=args.epochs,
         batch_size=args.batch_size, eval_freq=args.eval_freq, eval_iter=args.eval_iter, pad=args.pad,
-        pool=args.pool, seed=args.seed, device=args.device, dtype=args.dtype,
+        pool=args.pool, max_length=args.max_length, seed=args.seed, device=args.device, dtype=args.dtype,
         output_dir=args.output_dir, offline=args.offline or None, resume=args.resume)
     run_finetune(opts, log=lambda msg: print(msg, flush=True))
     return 0
 
 
-def _load_classifier(args):
-    """The base model named by --model (or the adapter's config) with the adapter loaded."""
-    from .adapters import load_adapter, read_adapter
-    from .model import GPTModel
+def _read_adapter_settings(args):
+    """(adapter config, settings): how the adapter was trained to be used (pool, pad,
+    max_length; its own record, else the book's), each overridden by its option."""
+    from .adapters import read_adapter
 
     config, _ = read_adapter(args.adapter)
+    settings = {"pool": args.pool or config.get("pool") or "last",
+                "pad": getattr(args, "pad", None) or config.get("pad") or "dataset",
+                "max_length": args.max_length or config.get("max_length")}
+    return config, settings
+
+
+def _load_classifier(args, config):
+    """The base model named by --model (or the adapter's config) with the adapter loaded."""
+    from .adapters import load_adapter
+    from .model import GPTModel
+
     name = args.model or config.get("base_model") or "gpt2-small"
-    model = GPTModel.from_pretrained(name, dtype=args.dtype, device=args.device, offline=args.offline or None)
-    config = load_adapter(model, args.adapter)
-    return model.eval(), config
+    try:
+        model = GPTModel.from_pretrained(name, dtype=args.dtype, device=args.device, offline=args.offline or None)
+    except ValueError as e:
+        if args.model:
+            raise
+        raise ValueError(f"{e}\n(the base model recorded in {args.adapter}; pass --model to say where it is)") from e
+    load_adapter(model, args.adapter)
+    return model.eval()
+
+
+def _match_labels(data, config, n_out):
+    """Give the data's labels the adapter's class ids, or refuse data with other labels.
+
+    The data's ids come from its own sorted label names; the head's from the training
+    data's. A subset of the adapter's classes is fine (e.g. a file of spam only)."""
+    import numpy as np
+
+    known = config.get("class_names")
+    if known is None:  # an adapter saved without names: only the count can be checked
+        if data.num_classes > n_out:
+            raise ValueError(f"{data.source} has {data.num_classes} classes {list(data.class_names)}, the "
+                             f"adapter's head has {n_out}")
+        return
+    unknown = [c for c in data.class_names if c not in known]
+    if unknown:
+        raise ValueError(f"{data.source} has labels the adapter was not trained on: {unknown}; the "
+                         f"adapter's classes are {known}, the data's {list(data.class_names)}")
+    ids = np.array([known.index(c) for c in data.class_names], dtype=np.int64)
+    for split in (data.train, data.val, data.test):
+        split.labels = ids[split.labels]
 
 
 def cmd_evaluate(args):
-    from .data import load_sms_spam, load_text_label_file, make_loaders
+    from .data import BatchLoader, load_sms_spam, load_text_label_file
     from .train import evaluate
 
-    model, config = _load_classifier(args)
-    data = load_text_label_file(args.data) if args.data else load_sms_spam(offline=args.offline or None)
-    loaders = dict(zip(("train", "val", "test"), make_loaders(data, args.batch_size, pad_to=args.pad)))
+    config, settings = _read_adapter_settings(args)
+    # the data first: it is quicker to load than the model and more often wrong
+    kwargs = dict(max_length=settings["max_length"], offline=args.offline or None,
+                  context_length=config.get("model_config", {}).get("context_length", 1024))
+    data = load_text_label_file(args.data, **kwargs) if args.data else load_sms_spam(**kwargs)
+    model = _load_classifier(args, config)
+    _match_labels(data, config, model.n_out)
     results = {}
-    for split in args.split:
-        loss, acc = evaluate(model, loaders[split].epoch_batches(0), pool=args.pool)
-        results[split] = {"loss": loss, "accuracy": acc, "examples": len(getattr(data, split))}
+    for name in args.split:
+        split = getattr(data, name)
+        # every example, in order: no shuffling and no drop_last, unlike training
+        loader = BatchLoader(split, args.batch_size, pad_to=settings["pad"])
+        loss, acc = evaluate(model, loader.epoch_batches(0), pool=settings["pool"])
+        results[name] = {"loss": loss, "accuracy": acc, "examples": len(split)}
         if not args.json:
-            print(f"{split:>5}: accuracy {acc * 100:.2f}%  loss {loss:.4f}  ({len(getattr(data, split))} examples)")
+            print(f"{name:>5}: accuracy {acc * 100:.2f}%  loss {loss:.4f}  ({len(split)} examples)")
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
@@ -68,17 +155,20 @@ def cmd_classify(args):
     from .backend import to_numpy
     from .tokenizer import END_OF_TEXT_ID, get_tokenizer
 
-    model, config = _load_classifier(args)
-    classes = config.get("class_names") or [str(k) for k in range(model.n_out)]
-    max_length = args.max_length or config.get("max_length")
+    config, settings = _read_adapter_settings(args)
     tok = get_tokenizer(offline=args.offline or None)
+    model = _load_classifier(args, config)
+    classes = config.get("class_names") or [str(k) for k in range(model.n_out)]
+    max_length, pool = settings["max_length"], settings["pool"]
+    # the book pads every text to the training length and reads the last position
+    pad_to_max = max_length and pool == "last" and settings["pad"] == "dataset"
     for text in args.text:
-        ids = tok.encode_ordinary(text)[: model.cfg.context_length]
+        ids = tok.encode_ordinary(text)[: min(max_length or model.cfg.context_length, model.cfg.context_length)]
         real = max(len(ids), 1)
-        if max_length and args.pool == "last":  # the book pads to the training length and reads the last position
-            ids = ids[:max_length] + [END_OF_TEXT_ID] * (max_length - len(ids))
+        if pad_to_max:
+            ids = ids + [END_OF_TEXT_ID] * (max_length - len(ids))
         idx = np.array([ids or [END_OF_TEXT_ID]])
-        pos = np.array([idx.shape[1] - 1 if args.pool == "last" else real - 1])
+        pos = np.array([idx.shape[1] - 1 if pool == "last" else real - 1])
         logits = to_numpy(model.forward(idx, keep_cache=False, positions=pos))[0].astype(np.float64)
         p = np.exp(logits - logits.max())
         p /= p.sum()
@@ -92,8 +182,8 @@ def cmd_generate(args):
     from .model import GPTModel
     from .tokenizer import get_tokenizer
 
+    tok = get_tokenizer(offline=args.offline or None)  # the small file first: a missing one is reported sooner
     model = GPTModel.from_pretrained(args.model, dtype=args.dtype, device=args.device, offline=args.offline or None)
-    tok = get_tokenizer(offline=args.offline or None)
     print(generate_text(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, seed=args.seed))
     return 0
@@ -178,6 +268,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="minilora",
         description="GPT-2 with LoRA fine-tuning in NumPy/CuPy, every backward pass by hand.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("finetune", help="the appendix E job: LoRA spam classifier on GPT-2",
@@ -202,6 +293,9 @@ def build_parser():
                    help="pad to the longest training text (the book) or per batch")
     p.add_argument("--pool", default="last", choices=["last", "last_real"],
                    help="classify from the last position (the book) or the last real token")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="pad and truncate texts to this many tokens (default: the longest training text, "
+                        "at most the model's context length; longer texts are truncated and counted)")
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--output-dir", default="runs/appendix-e", help="run folder (default runs/appendix-e)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
@@ -212,27 +306,29 @@ def build_parser():
         p = sub.add_parser(name, help=helptext, description=helptext)
         _common(p, model_default=None)
         p.add_argument("--adapter", default="runs/appendix-e/adapter", help="adapter folder")
-        p.add_argument("--pool", default="last", choices=["last", "last_real"])
+        p.add_argument("--pool", default=None, choices=["last", "last_real"],
+                       help="where to read the logits (default: as the adapter was trained)")
+        p.add_argument("--max-length", type=_int_at_least(1), default=None,
+                       help="pad / truncate texts to this many tokens (default: the adapter's training length)")
         if name == "evaluate":
             p.add_argument("--data", default=None, help="CSV/TSV of text,label rows (default: SMS spam)")
             p.add_argument("--split", nargs="+", default=["test"], choices=["train", "val", "test"])
-            p.add_argument("--batch-size", type=int, default=8)
-            p.add_argument("--pad", default="dataset", choices=["dataset", "longest_in_batch"])
+            p.add_argument("--batch-size", type=_int_at_least(1), default=8)
+            p.add_argument("--pad", default=None, choices=["dataset", "longest_in_batch"],
+                           help="padding (default: as the adapter was trained)")
             p.add_argument("--json", action="store_true")
             p.set_defaults(func=cmd_evaluate)
         else:
             p.add_argument("text", nargs="+", help="the text(s) to classify")
-            p.add_argument("--max-length", type=int, default=None,
-                           help="pad to this length as in training (default: the adapter's training length)")
             p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("generate", help="continue a prompt with a pretrained GPT-2 (load sanity check)")
     _common(p)
     p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=15)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=15)
+    p.add_argument("--temperature", type=_float_at_least(0.0), default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=_int_at_least(1), default=None)
+    p.add_argument("--seed", type=_int_at_least(0), default=None)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="time a LoRA training step against its matmul floor (and PyTorch)",
@@ -266,8 +362,39 @@ def build_parser():
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--device", default=None, help="cpu or cuda (default: $MINILORA_DEVICE or cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--only", action="append", metavar="NAME",
+                   help="run only this check (repeatable or comma-separated; a layer name also runs its "
+                        "variants, e.g. attention -> attention_dropout, attention_one_query)")
+    p.add_argument("--module", metavar="FILE",
+                   help="check the *_forward/*_backward functions of this Python file instead of minilora's "
+                        "(e.g. examples/exercises/layers.py); reports each layer passed / failed / not implemented")
     p.set_defaults(func=cmd_gradcheck)
     return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, job schedulers and containers send), raised in the main
+    thread so that it takes Ctrl-C's path: the training loop saves its checkpoint."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # a warning is for the user: one line, without the library's file and source line
+    print(f"minilora: warning: {message}", file=sys.stderr)
+
+
+def _where(path, args):
+    """Which option or setting chose `path` (for a write error), or ''."""
+    from .cache import cache_dir
+
+    path = Path(path).resolve()
+    for option, folder in (("--output-dir", getattr(args, "output_dir", None)), ("$MINILORA_HOME", cache_dir())):
+        if folder is not None and path.is_relative_to(Path(folder).resolve()):
+            return f" (check {option} {folder})"
+    return ""
 
 
 def main(argv=None):
@@ -276,15 +403,26 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals need it
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args)
+    except KeyboardInterrupt as e:
+        print("terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except (ValueError, RuntimeError, OSError, KeyError) as e:
-        # every expected failure (bad input, download, checkpoint, data) ends with one clear line
-        print(f"minilora {args.command}: error: {e}", file=sys.stderr)
+        # every expected failure (bad input, download, checkpoint, data, a full disk) ends with one clear line
+        from .files import WriteError
+
+        where = _where(e.path, args) if isinstance(e, WriteError) else ""
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+        print(f"minilora {args.command}: error: {message}{where}", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,9 @@ Data: Almeida & Gomez Hidalgo, "Contributions to the Study of SMS Spam
 Filtering" (2011); UCI Machine Learning Repository, CC BY 4.0.
 """
 
-import os
 import re
 import shutil
-import tempfile
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ import pandas as pd
 
 from .cache import cache_dir, is_offline
 from .download import DownloadError, download
+from .files import atomic_path
 from .tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -50,6 +50,8 @@ SMS_SPAM_FILE = "SMSSpamCollection"
 SMS_SPAM_ZIP = "sms+spam+collection.zip"
 SMS_CLASS_NAMES = ("ham", "spam")  # label ids 0 and 1, as in the book
 PAD_MODES = ("dataset", "longest_in_batch")
+# how pandas, R, spreadsheets and databases write a missing value (compared lower-cased)
+MISSING_VALUE_SPELLINGS = ("nan", "na", "n/a", "null", "none", "nil", "#n/a")
 
 
 class DataError(RuntimeError):
@@ -101,14 +103,10 @@ def _extract_zip(zip_path, folder, *, required, optional=()):
                 raise DataError(f"{zip_path} holds no {required} (it holds {sorted(members)}); "
                                 f"it was deleted")
             for name in [n for n in optional if n in members] + [required]:
-                fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
-                try:
-                    with os.fdopen(fd, "wb") as out, archive.open(members[name]) as src:
+                with atomic_path(folder / name) as tmp:
+                    with open(tmp, "wb") as out, archive.open(members[name]) as src:
                         shutil.copyfileobj(src, out)
-                    os.replace(tmp, folder / name)
-                    written.append(folder / name)
-                finally:
-                    Path(tmp).unlink(missing_ok=True)  # already renamed unless something failed
+                written.append(folder / name)
     # A damaged archive fails at opening (BadZipFile), or while inflating a member
     # (BadZipFile for a bad CRC, EOFError or zlib.error for a cut-off stream).
     except (DataError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
@@ -197,6 +195,11 @@ def read_text_label_file(path):
             raise DataError(f"{path}: empty {column.lower()} in row(s) {rows} "
                             f"(counting the file's rows from 1)")
     names = sorted(set(df["Label"]))
+    suspicious = [n for n in names if n.lower() in MISSING_VALUE_SPELLINGS]
+    if suspicious:  # pandas and spreadsheets write a missing value as NaN: probably not a class
+        warnings.warn(f"{path}: the label(s) {suspicious} look like missing values, yet each is "
+                      f"kept as a class of its own; fix or drop those rows if they are not real labels",
+                      stacklevel=2)
     if all(re.fullmatch(r"[+-]?\d+", n) for n in names):
         names = sorted(names, key=int)
     if len(names) < 2:
@@ -241,6 +244,7 @@ class Split:
     token_ids: list         # N lists of GPT-2 ids, each truncated to max_length, not padded
     max_length: int         # the length pad_to="dataset" pads every batch to
     pad_token_id: int = END_OF_TEXT_ID
+    truncated: int = 0      # texts that were longer than max_length (cut to it)
 
     def __len__(self):
         return len(self.texts)
@@ -269,6 +273,11 @@ class ClassificationData:
     def max_length(self):
         return self.train.max_length
 
+    @property
+    def truncated(self):
+        """{split name: texts cut to max_length} (val and test are cut to the training length)."""
+        return {s.name: s.truncated for s in (self.train, self.val, self.test)}
+
 
 def encode_split(name, texts, labels, tokenizer, *, max_length=None, pad_token_id=END_OF_TEXT_ID):
     """Tokenize texts like the book's SpamDataset: max_length None means the longest text.
@@ -280,10 +289,11 @@ def encode_split(name, texts, labels, tokenizer, *, max_length=None, pad_token_i
     token_ids = tokenizer.encode_ordinary_batch(texts)
     if max_length is None:
         max_length = max(len(ids) for ids in token_ids)
-    else:
-        token_ids = [ids[:max_length] for ids in token_ids]
+    truncated = sum(len(ids) > max_length for ids in token_ids)
+    token_ids = [ids[:max_length] for ids in token_ids]
     return Split(name=name, texts=texts, labels=np.asarray(labels, dtype=np.int64),
-                 token_ids=token_ids, max_length=int(max_length), pad_token_id=pad_token_id)
+                 token_ids=token_ids, max_length=int(max_length), pad_token_id=pad_token_id,
+                 truncated=int(truncated))
 
 
 def make_splits(df, class_names, tokenizer, *, source="", max_length=None, context_length=1024,
@@ -291,24 +301,24 @@ def make_splits(df, class_names, tokenizer, *, source="", max_length=None, conte
     """Split a (Text, Label int) DataFrame 70/10/20 the book's way and tokenize each part.
 
     max_length None pads to the longest training text, as the book does, but at
-    most `context_length` tokens: longer texts would not fit GPT-2's position
-    table (the book asserts this instead). Validation and test texts are truncated
-    to the training max_length.
+    most `context_length` tokens (the model's): longer texts would not fit GPT-2's
+    position table, so they are truncated, as the book's SpamDataset truncates to
+    its max_length (`ClassificationData.truncated` counts them). Validation and test
+    texts are truncated to the training max_length.
     """
+    if max_length is not None and not 1 <= max_length <= context_length:
+        raise ValueError(f"max_length must be between 1 and the model's context length "
+                         f"{context_length}, got {max_length}")
     parts = random_split(df, train_frac, validation_frac, random_state)
     for part_name, part in zip(("train", "val", "test"), parts):
         if len(part) == 0:
             raise DataError(f"{source or 'the data'}: {len(df)} rows leave the {part_name} split "
                             f"empty; at least 10 rows are needed")
     train_df, val_df, test_df = parts
-    if max_length is None:
-        train = encode_split("train", train_df["Text"], train_df["Label"], tokenizer)
-        if train.max_length > context_length:
-            train = encode_split("train", train_df["Text"], train_df["Label"], tokenizer,
-                                 max_length=context_length)
-    else:
+    train = encode_split("train", train_df["Text"], train_df["Label"], tokenizer, max_length=max_length)
+    if train.max_length > context_length:
         train = encode_split("train", train_df["Text"], train_df["Label"], tokenizer,
-                             max_length=max_length)
+                             max_length=context_length)
     val = encode_split("val", val_df["Text"], val_df["Label"], tokenizer,
                        max_length=train.max_length)
     test = encode_split("test", test_df["Text"], test_df["Label"], tokenizer,

@@ -16,7 +16,6 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .cache import is_offline
+from .files import WriteError, atomic_path
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: few Python-level iterations, little memory
 DEFAULT_TIMEOUT = 30.0  # seconds without a byte from the server before giving up
@@ -143,33 +143,28 @@ def download(url, dest, *, expected_size=None, sha256=None, offline=False, progr
         progress = sys.stderr.isatty()
 
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # Same folder as dest, so that os.replace is a rename and not a copy.
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    except OSError as exc:
-        raise _error(url, dest, f"cannot write to {dest.parent} ({exc})", sha256) from exc
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            received, declared = _stream(url, out, timeout=timeout, progress=progress,
-                                         desc=dest.name, expected_size=expected_size)
-            out.flush()
-            os.fsync(out.fileno())  # the bytes are on disk before the name points at them
-        # http.client returns b"" (not an error) when the server closes the connection
-        # early, so a truncated body is caught by comparing with Content-Length.
-        if declared is not None and received != declared:
-            raise _error(url, dest, f"the connection closed after {received:,} of "
-                                    f"{declared:,} bytes", sha256)
-        problem = _check_file(tmp, expected_size, sha256)
-        if problem is not None:
-            raise _error(url, dest, f"the downloaded file is corrupt: {problem}", sha256)
-        os.replace(tmp, dest)
-    except BaseException as exc:  # KeyboardInterrupt too: never leave a partial file behind
-        tmp.unlink(missing_ok=True)
-        # HTTP errors, refused connections, timeouts, a full disk: say what and where.
-        if isinstance(exc, _REQUEST_ERRORS):
-            raise _error(url, dest, _reason(exc), sha256) from exc
-        raise
+        # minilora.files: a temporary beside dest, renamed into place only when complete
+        # and removed on any failure (KeyboardInterrupt too)
+        with atomic_path(dest) as tmp:
+            try:
+                with open(tmp, "wb") as out:
+                    received, declared = _stream(url, out, timeout=timeout, progress=progress,
+                                                 desc=dest.name, expected_size=expected_size)
+                    out.flush()
+                    os.fsync(out.fileno())  # the bytes are on disk before the name points at them
+            # HTTP errors, refused connections, timeouts, a full disk: say what and where.
+            except _REQUEST_ERRORS as exc:
+                raise _error(url, dest, _reason(exc), sha256) from exc
+            # http.client returns b"" (not an error) when the server closes the connection
+            # early, so a truncated body is caught by comparing with Content-Length.
+            if declared is not None and received != declared:
+                raise _error(url, dest, f"the connection closed after {received:,} of "
+                                        f"{declared:,} bytes", sha256)
+            problem = _check_file(tmp, expected_size, sha256)
+            if problem is not None:
+                raise _error(url, dest, f"the downloaded file is corrupt: {problem}", sha256)
+    except WriteError as exc:  # no folder, no space, read-only: when making or renaming the temporary
+        raise _error(url, dest, str(exc), sha256) from exc
     return dest
 
 

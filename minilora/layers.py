@@ -5,9 +5,16 @@ Every layer is two functions::
     out, cache = name_forward(x, *params)
     dx, *dparams = name_backward(dout, cache)
 
-with the gradients in the order of the forward's inputs. A backward returns fresh
-arrays and never mutates ``dout`` or the cache. The math is written once with
+with the gradients in the order of the forward's inputs. A backward never mutates
+``dout`` or the cache; it returns new arrays, except where the layer is the identity
+(dropout when off returns ``dout`` itself). The math is written once with
 ``xp = get_array_module(x)`` so it runs on NumPy and on CuPy.
+
+This is the fast path. ``minilora/reference.py`` computes the same math in the plainest
+NumPy (the spec), ``docs/derivations.md`` derives every backward step by step, and
+tests/test_reference.py holds the model built from these layers equal to the reference.
+Where a layer here departs from the reference's lines for speed (a 2-D product, work
+done in place, a statistic recomputed or kept), a comment says which and why.
 
 References: karpathy/llm.c ``train_gpt2.c`` and ``doc/layernorm``, CS231n ``layers.py``,
 jaymody/picoGPT ``gpt2.py``. Shapes: B batch, T time, C channels, NH heads,
@@ -43,6 +50,7 @@ def embedding_backward(dout, cache):
       dwpe[t] = sum over b of dout[b, t]        (rows t >= T stay zero)
     A token id repeated in the batch must accumulate, which plain fancy-index
     assignment would not do (it keeps one write): hence xp.add.at.
+    Derivation: docs/derivations.md#embedding.
     """
     idx, V, Tmax = cache
     xp = get_array_module(dout)
@@ -77,6 +85,8 @@ def linear_backward(dout, cache, need_dx=True, need_dw=True, need_db=True):
       dx = dout @ w^T                         (..., in)
       dw = sum over rows of x^T dout          (in, out)
       db = sum over rows of dout              (out,)
+    Derivation: docs/derivations.md#linear. Like the forward, each product runs on the
+    rows flattened to 2-D (reference.linear_backward writes dw as an einsum over (b, t)).
     Frozen means no work: pass need_dw=False / need_db=False for frozen parameters
     and the matching gradient comes back as None without being computed.
     """
@@ -95,6 +105,8 @@ def layernorm_forward(x, w, b, eps=1e-5):
     """LayerNorm over the last axis: y = (x - mean) * rstd * w + b.
 
     x: (..., C); w, b: (C,). rstd = 1 / sqrt(var + eps), var the biased variance.
+    reference.layernorm_forward is the one line (x - mean) * rstd * w + b; here the same
+    arithmetic runs in place in the output's buffer, one (..., C) array instead of four.
     The cache holds x, w and the small statistics (mean, rstd), not the normalized
     x: the backward recomputes n = (x - mean) * rstd, one cheap pass, instead of
     keeping a second (..., C) array alive (llm.c's doc/layernorm does the same).
@@ -117,7 +129,9 @@ def layernorm_backward(dout, cache, need_dparams=True):
       dx = rstd * (dn - mean(dn) - n * mean(dn * n))     (means over the last axis)
       dw = sum over rows of dout * n
       db = sum over rows of dout
-    The two mean terms come from mean and rstd depending on every x in the row.
+    The two mean terms come from mean and rstd depending on every x in the row
+    (derivation: docs/derivations.md#layernorm). The arithmetic of dx runs in place in
+    the buffers of dn and n (reference.layernorm_backward writes it as one expression).
     need_dparams=False (frozen w, b) returns None for dw and db without computing them.
     """
     x, w, mean, rstd = cache
@@ -147,8 +161,9 @@ def gelu_forward(x):
     """GELU, tanh form (GPT-2's): y = 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi).
 
     Cache: x and t = tanh(k (x + 0.044715 x^3)). tanh is the costly part of both
-    passes, so it is kept rather than recomputed. The arithmetic runs in place in
-    two buffers: these arrays are the biggest of a block (B, T, 4C).
+    passes, so it is kept rather than recomputed (reference.gelu_backward recomputes
+    it). The arithmetic runs in place in two buffers: these arrays are the biggest of a
+    block (B, T, 4C).
     """
     xp = get_array_module(x)
     t = x * x  # x*x*x, not x**3: a float power is a slow path
@@ -169,6 +184,7 @@ def gelu_backward(dout, cache):
       dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2)
             = 0.5 (1 + t + x (1 - t^2) k (1 + 3 * 0.044715 x^2))
       dx = dout * dy/dx
+    Derivation: docs/derivations.md#gelu.
     """
     x, t = cache
     xp = get_array_module(x)
@@ -232,7 +248,9 @@ def dropout_forward(x, p, rng=None):
 
 
 def dropout_backward(dout, cache):
-    """dx = dout * mask (the same scaled mask as the forward); identity when no mask."""
+    """dx = dout * mask (the same scaled mask as the forward); when there is no mask the
+    layer was the identity and dout itself is returned. Derivation:
+    docs/derivations.md#dropout."""
     mask = cache
     return (dout if mask is None else dout * mask,)
 
@@ -260,6 +278,11 @@ def attention_forward(qkv, n_heads, dropout_p=0.0, rng=None, query_pos=None):
     then (B, C). Every key and value is still used, so its gradient is still complete.
     Cache: q (B, NH, Tq, hs), k, v (B, NH, T, hs), att (after dropout, and before it
     when p > 0), the query positions.
+
+    Departures from reference.attention_forward, for speed: the causal mask is added
+    (-inf above the diagonal) rather than selected with where, and the softmax runs in
+    place in the scores' buffer; both give the same numbers. query_pos is the classifier's
+    last-block trim: the reference computes every query and keeps one row at the end.
     """
     xp = get_array_module(qkv)
     B, T, C3 = qkv.shape
@@ -294,11 +317,14 @@ def attention_backward(dout, cache):
 
       forward: y = att_d v                so  datt_d = dy v^T,      dv = att_d^T dy
       forward: att_d = dropout(att)       so  datt = datt_d * mask
-      forward: att = softmax(pre)         so  dpre = att * (datt - sum_j(datt * att))
+      forward: att = softmax(s)           so  ds = att * (datt - sum_j(datt * att))
                (masked entries have att = 0, so they get no gradient)
-      forward: pre = scale * q k^T        so  dq = scale * dpre k,  dk = scale * dpre^T q
-    dout: (B, T, C), or (B, C) with query_pos. Returns dqkv (B, T, 3C) with dq, dk, dv
-    side by side as in the input; with query_pos, dq is zero off the query positions.
+      forward: s = scale * q k^T          so  dpre = scale * ds,
+                                              dq = dpre k,  dk = dpre^T q
+    (dpre, as the code names it, already includes the scale.) dout: (B, T, C), or (B, C)
+    with query_pos. Returns dqkv (B, T, 3C) with dq, dk, dv side by side as in the input;
+    with query_pos, dq is zero off the query positions. Derivation:
+    docs/derivations.md#attention (and #softmax).
     """
     q, k, v, att, att_d, drop_cache, scale, query_pos = cache
     xp = get_array_module(dout)
@@ -347,7 +373,8 @@ def cross_entropy_forward(logits, targets):
 
 
 def cross_entropy_backward(dloss, cache):
-    """dlogits = dloss * (softmax(z) - onehot(y)) / N   (dloss: a float, usually 1.0)."""
+    """dlogits = dloss * (softmax(z) - onehot(y)) / N   (dloss: a float, usually 1.0).
+    Derivation: docs/derivations.md#cross-entropy."""
     probs, targets = cache
     xp = get_array_module(probs)
     N = probs.shape[0]

@@ -45,13 +45,15 @@ def lora_forward(x, A, B, scale, dropout_p=0.0, rng=None):
 
 
 def lora_backward(dout, cache, need_dx=True):
-    """Gradients of delta = s * (x_d @ A) @ B, with g = dout @ B^T of shape (..., r):
+    """Gradients of delta = s * (x_d @ A) @ B, with g = s * dout @ B^T of shape (..., r),
+    the gradient at the bottleneck x_d A (the scale s is folded into g, as the code does):
 
       dB = s * (x_d A)^T dout        (r, out)   summed over every row
-      dA = s * x_d^T g               (in, r)
-      dx = s * g A^T                 (..., in)  then through the dropout mask
+      dA = x_d^T g                   (in, r)
+      dx = g A^T                     (..., in)  then through the dropout mask
     Going through the rank-r bottleneck first (g, then g A^T) keeps every product
     thin: no (in, out) matrix is ever formed. need_dx=False skips dx (None).
+    Derivation: docs/derivations.md#lora.
     """
     x_d, A, B, xa, scale, drop_cache = cache
     n_in, r = A.shape
@@ -69,8 +71,9 @@ def lora_backward(dout, cache, need_dx=True):
 
 
 def lora_linear_forward(x, w, b, A, B, scale):
-    """A whole LoRA linear, y = x @ w + b + s * (x @ A) @ B (used by gradcheck and docs;
-    the model composes linear_forward and lora_forward the same way)."""
+    """A whole LoRA linear, y = x @ w + b + s * (x @ A) @ B (used by gradcheck; the model
+    composes linear_forward and lora_forward the same way, and reference.py writes it as
+    reference.lora_linear_forward)."""
     y, c_lin = linear_forward(x, w, b)
     delta, c_lora = lora_forward(x, A, B, scale)
     return y + delta, (c_lin, c_lora)
@@ -78,7 +81,7 @@ def lora_linear_forward(x, w, b, A, B, scale):
 
 def lora_linear_backward(dout, cache):
     """dx = dout W^T + s * (dout B^T) A^T; dA, dB as in lora_backward; the frozen W and b
-    get no gradient work at all. Returns (dx, dA, dB)."""
+    get no gradient work at all. Returns (dx, dA, dB). Derivation: docs/derivations.md#lora."""
     c_lin, c_lora = cache
     dx, _, _ = linear_backward(dout, c_lin, need_dw=False, need_db=False)
     dx_lora, dA, dB = lora_backward(dout, c_lora)
@@ -206,9 +209,22 @@ def apply_lora(model, rank=16, alpha=16, scaling="alpha_over_r", targets="all", 
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    # alpha 0 makes the scale 0: the adapters would train without ever changing the output
+    if not (isinstance(alpha, (int, float, np.number)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"LoRA alpha must be a positive finite number, got {alpha!r}")
     scale = lora_scale(alpha, rank, scaling)
+    if rank > model.cfg.emb_dim:  # every adapted layer has emb_dim inputs or outputs
+        raise ValueError(f"LoRA rank {rank} exceeds the model width {model.cfg.emb_dim}: the update "
+                         f"A @ B of a layer with {model.cfg.emb_dim} inputs or outputs has rank at most "
+                         f"{model.cfg.emb_dim}")
     sites = adapter_sites(model)
+    if targets is None or (not isinstance(targets, str) and len(targets) == 0) or targets == "":
+        raise ValueError(f"LoRA targets {targets!r} select no layer: nothing would be trained; use "
+                         f"'all', 'attention' or names such as {list(sites)[:3]}")
     prefixes = resolve_targets(model, targets, layers)
+    if not prefixes:  # e.g. layers=[] : nothing left to train either
+        raise ValueError(f"LoRA targets {targets!r} with layers {layers!r} select no layer: nothing "
+                         f"would be trained")
     rng = np.random.default_rng(seed)
     bound = 1.0 / math.sqrt(rank)
     adapters = []

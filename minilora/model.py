@@ -1,4 +1,4 @@
-"""GPT-2: configuration, parameters under the Hugging Face names, forward and backward.
+"""GPT-2: parameters under the Hugging Face names, forward and backward, fast.
 
 The forward keeps what the backward needs; the backward is the forward read in
 reverse, one call per line (karpathy/llm.c ``train_gpt2.c``). Parameters live in
@@ -6,16 +6,26 @@ one flat dict ``model.params`` under the names of the Hugging Face GPT-2
 checkpoint ("wte.weight", "h.0.attn.c_attn.weight", ..., "ln_f.bias"), weights
 stored (in, out) so every linear is ``x @ w + b`` (jaymody/picoGPT).
 
+This is the fast path. Read ``minilora/reference.py`` first: the same forward and
+backward with nothing but the math (tests/test_reference.py holds the two equal to
+1e-12 in float64). What this file adds, each marked where it happens:
+  - shards: on the CPU the batch runs as one shard per core, in threads (forward);
+  - frozen means no work: no dW, no layernorm dw/db, no scatter-add for frozen
+    parameters, and the backward stops under the lowest block that trains anything;
+  - the last-block trim: with ``positions`` the last block after its attention, the
+    final layernorm and the head run on the rows the loss reads, not on every row;
+  - activations freed as the backward consumes them, residual gradients added in place.
+
 References: Radford et al. 2019 (GPT-2); Raschka, "Build a Large Language Model
 (From Scratch)", ch. 4 and appendix E; karpathy/nanoGPT ``model.py``.
 """
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from . import backend
+from .config import PRESET_ALIASES, PRESETS, GPTConfig, param_shapes  # noqa: F401 (re-exported)
 from .layers import (
     SequenceRNG,
     attention_backward,
@@ -32,77 +42,10 @@ from .layers import (
     linear_forward,
 )
 from .lora import lora_backward, lora_forward
+from .weights import load_pretrained
 
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon
 _INIT_CHUNK = 1 << 22  # random init draws this many float64 values at a time (32 MB)
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    """GPT-2 hyperparameters, with the field names of Raschka's book."""
-
-    vocab_size: int = 50257  # BPE vocabulary size (50,000 merges + 256 bytes + <|endoftext|>)
-    context_length: int = 1024  # longest sequence; rows of the position table
-    emb_dim: int = 768  # model width C
-    n_heads: int = 12  # attention heads; emb_dim must divide by it
-    n_layers: int = 12  # transformer blocks
-    drop_rate: float = 0.0  # dropout on embeddings, attention weights and residual branches
-    qkv_bias: bool = True  # GPT-2 checkpoints carry a bias on the fused Q|K|V projection
-
-    def __post_init__(self):
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.emb_dim % self.n_heads:
-            raise ValueError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})")
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
-
-    @classmethod
-    def from_preset(cls, name, **overrides):
-        """One of PRESETS ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")."""
-        key = PRESET_ALIASES.get(name, name)
-        if key not in PRESETS:
-            raise ValueError(f"unknown GPT-2 preset {name!r}: expected one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[key], **overrides})
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-PRESETS = {
-    "gpt2-small": dict(emb_dim=768, n_layers=12, n_heads=12),  # 124M
-    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),  # 355M
-    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),  # 774M
-    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
-}
-PRESET_ALIASES = {"gpt2": "gpt2-small", "124M": "gpt2-small", "355M": "gpt2-medium",
-                  "774M": "gpt2-large", "1558M": "gpt2-xl"}
-
-
-def param_shapes(cfg):
-    """name -> shape of every base parameter, in checkpoint order (HF GPT-2 names)."""
-    C, V = cfg.emb_dim, cfg.vocab_size
-    shapes = {"wte.weight": (V, C), "wpe.weight": (cfg.context_length, C)}
-    for i in range(cfg.n_layers):
-        h = f"h.{i}."
-        shapes.update({
-            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
-            h + "attn.c_attn.weight": (C, 3 * C),
-            **({h + "attn.c_attn.bias": (3 * C,)} if cfg.qkv_bias else {}),
-            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
-            h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
-            h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
-            h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,),
-        })
-    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
-    return shapes
 
 
 class GPTModel:
@@ -159,8 +102,6 @@ class GPTModel:
     def from_pretrained(cls, name_or_path, dtype="float32", device=None, **download_kwargs):
         """Load GPT-2 weights from a preset name (downloaded and cached), a
         model.safetensors file, or a folder holding model.safetensors + config.json."""
-        from .weights import load_pretrained
-
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **download_kwargs)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -300,9 +241,9 @@ class GPTModel:
             rows alone and the logits are (B, n_out). backward then takes dlogits (B, n_out).
         keep_cache=False skips keeping the activations backward needs (evaluation).
 
-        On the CPU the batch is split into one shard per core (``backend.batch_shards``),
-        run in parallel threads: NumPy's elementwise work is single-threaded, so this is
-        what puts every core to work on it. Each shard is the same computation on fewer
+        Shards (not in reference.forward): on the CPU the batch is split into one shard
+        per core (``backend.batch_shards``), run in parallel threads: NumPy's elementwise
+        work is single-threaded, so this is what puts every core to work on it. Each shard is the same computation on fewer
         rows; the result is the same up to float rounding of the summed gradients.
         Dropout masks are drawn sequence by sequence, so they do not depend on the split.
         """
@@ -316,6 +257,7 @@ class GPTModel:
             list(zip(shards, rngs)))
         logits = outs[0][0] if len(outs) == 1 else self.xp.concatenate([out for out, _ in outs])
         self._cache = [(s, cache) for s, (_, cache) in zip(shards, outs)] if keep_cache else None
+        self._logits_shape = tuple(logits.shape)  # what backward's dlogits must be
         return logits
 
     def _dropout_rngs(self, batch, shards):
@@ -338,8 +280,10 @@ class GPTModel:
         blocks = []
         for i in range(cfg.n_layers):
             h = f"h.{i}."
-            # With positions, the last block computes only the rows the loss reads, once
-            # its attention has used the keys and values of every position.
+            # The last-block trim: with positions, the last block computes only the rows the
+            # loss reads, once its attention has used the keys and values of every
+            # position (reference.forward computes every row and picks them from the
+            # logits; by causality the chosen rows are the same numbers).
             query_pos = pos if i == cfg.n_layers - 1 else None
             a, c_ln1 = layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"], LN_EPS)
             a, c_qkv = self._linear_forward(h + "attn.c_attn", a, rng)  # [B, T, 3C]
@@ -377,6 +321,9 @@ class GPTModel:
                                "(and one forward per backward)")
         if self.lora is not None and self.lora.merged and set(self.lora.param_names) & set(self.trainable):
             raise RuntimeError("LoRA adapters are merged into the weights: unmerge_lora(model) before training")
+        if tuple(dlogits.shape) != self._logits_shape:  # else it fails deep inside a layer
+            raise ValueError(f"dlogits has shape {tuple(dlogits.shape)}, the logits of the last "
+                             f"forward have shape {self._logits_shape}")
         shards, self._cache = self._cache, None  # backward consumes the activations
         self._trainable_set = set(self.trainable)
         parts = backend.run_parallel(lambda s, cache: self._backward_shard(dlogits[s], cache), shards)
@@ -400,7 +347,8 @@ class GPTModel:
         dx, dw, db = layernorm_backward(dx, c_lnf, self._trains("ln_f."))
         self._accumulate_pair(grads, "ln_f.", dw, db)
         # Frozen means no work: below the lowest block that trains anything, and under a
-        # frozen embedding, no gradient is needed, so the backward stops there.
+        # frozen embedding, no gradient is needed, so the backward stops there
+        # (reference.backward runs every block down to the embedding, always).
         embeddings_train = "wte.weight" in train or "wpe.weight" in train
         trained_blocks = [int(n.split(".")[1]) for n in train if n.startswith("h.")]
         lowest = 0 if embeddings_train else min(trained_blocks, default=self.cfg.n_layers)
@@ -416,7 +364,9 @@ class GPTModel:
             dm = self._linear_backward(h + "mlp.c_fc", dm, c_fc, grads)
             dm, dw, db = layernorm_backward(dm, c_ln2, self._trains(h + "ln_2."))
             self._accumulate_pair(grads, h + "ln_2.", dw, db)
-            dx += dm  # in place: dx is this backward's own array, held by no cache
+            # reference: dx = dx + dm; in place here, since dx is this backward's own array,
+            # held by no cache
+            dx += dm
             if not below and not any(n.startswith((h + "attn.", h + "ln_1.")) for n in train):
                 break  # the attention branch and everything under it are frozen
             # x = x + a: likewise for the attention branch

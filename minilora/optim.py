@@ -8,8 +8,18 @@ and torch's single-tensor ``_single_tensor_adamw``):
     v  <- b2 * v + (1 - b2) * g^2
     p  <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-eps is added after the square root and the bias corrections, as torch does. Every
-trained tensor is decayed (the book passes model.parameters() with weight_decay=0.1).
+eps is added after the square root and the bias corrections, as torch does; this is
+the textbook p <- p - lr * m_hat / (sqrt(v_hat) + eps) rearranged (the proof, and why the
+bias correction: docs/derivations.md#adamw). Every trained tensor is decayed (the book
+passes model.parameters() with weight_decay=0.1).
+
+The update is elementwise, so it runs on all trained tensors at once: the optimizer keeps
+them in one flat buffer (one per dtype) and puts views of it into ``model.params`` under
+the same names and shapes, with the moments in two buffers alike. A step is then the
+lines above once, on whole buffers, instead of once per tensor (146 tensors for the
+appendix E adapters, ~8 array operations each: on a GPU each operation is a kernel launch
+that costs more than its arithmetic). Each element sees the same operations in the same
+order, so the result is the per-tensor update's, bit for bit.
 """
 
 import math
@@ -53,24 +63,89 @@ def clip_grad_norm(grads, max_norm):
     return total
 
 
+def _check_lr(lr):
+    """A learning rate must be finite and >= 0 (a negative one climbs the loss)."""
+    if not (isinstance(lr, (int, float, np.number)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"AdamW learning rate must be a finite number >= 0, got {lr!r}")
+    return lr
+
+
+# On the CPU the update runs over the flat buffer a cache-sized piece at a time, so that
+# each of its ~10 passes reads from the cache rather than from memory. Measured on the
+# appendix E adapters (2.67 M values, float32, 2 busy cores): the whole buffer at once
+# 23.6 ms a step, tensor by tensor 10.6 ms, pieces of 2^16 values 10.5 ms (best 6.9 vs
+# 9.4). A GPU takes the buffer whole: one launch per operation.
+CPU_CHUNK = 1 << 16
+
+
+def _adamw_update(p, m, v, g, decay, b1, b2, step_size, bc2_sqrt, eps):
+    """One AdamW step on flat arrays, in place (the lines of the module docstring)."""
+    p *= 1.0 - decay
+    m *= b1
+    m += (1.0 - b1) * g
+    v *= b2
+    v += (1.0 - b2) * (g * g)
+    denom = get_array_module(v).sqrt(v)
+    denom /= bc2_sqrt
+    denom += eps
+    p -= step_size * (m / denom)
+
+
 class AdamW:
     """AdamW over `model.params`, updating the parameters named in the grads dict.
 
     lr: a float or a schedule (a function of the 1-based step returning the lr).
     max_grad_norm: clip the global gradient norm to this before each step (None = off).
+    From the first step on, the trained entries of model.params are views of the
+    optimizer's flat buffer (same names, shapes and dtype); an array put in their place
+    later (load_adapter does) is packed again at the next step.
     """
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                  max_grad_norm=None):
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not callable(lr):
+            _check_lr(lr)
+        for name, value in (("eps", eps), ("weight_decay", weight_decay)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"AdamW {name} must be a finite number >= 0, got {value!r}")
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"AdamW max_grad_norm must be a finite number > 0 (or None), got {max_grad_norm!r}")
         self.model = model
         self.schedule = lr if callable(lr) else constant_schedule(lr)
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
         self.max_grad_norm = max_grad_norm
         self.step_count = 0
         self.last_lr = None  # the learning rate of the latest step
-        self.m, self.v = {}, {}  # first and second moments, per parameter name
+        self.m, self.v = {}, {}  # first and second moments, per parameter name (views of _groups' buffers)
+        self._groups = []  # (names, params, m, v): flat buffers of the tensors packed together
+        self._views = {}  # name -> the view of a flat buffer the model's params hold
+
+    def _packed(self, names):
+        """Whether `names` are exactly the packed tensors, still the arrays the model holds
+        (apply_lora, load_adapter or a user may have put new arrays in model.params)."""
+        params = self.model.params
+        return set(names) == set(self._views) and all(params[n] is self._views[n] for n in names)
+
+    def _pack(self, names):
+        """Copy the parameters `names` and their moments into flat buffers, one per dtype,
+        and put views of them in model.params and self.m / self.v. Tensors no longer
+        trained keep their current arrays, values and moments."""
+        params = self.model.params
+        self._groups, self._views = [], {}
+        for dtype in dict.fromkeys(params[n].dtype for n in names):
+            group = [n for n in names if params[n].dtype == dtype]
+            xp = get_array_module(params[group[0]])
+            flat = [xp.concatenate([a[n].reshape(-1) if n in a else xp.zeros(params[n].size, dtype)
+                                    for n in group]) for a in (params, self.m, self.v)]
+            offset = 0
+            for n in group:
+                size, shape = params[n].size, params[n].shape
+                params[n], self.m[n], self.v[n] = (f[offset:offset + size].reshape(shape) for f in flat)
+                self._views[n] = params[n]
+                offset += size
+            self._groups.append((group, *flat))
 
     @property
     def lr(self):
@@ -80,45 +155,52 @@ class AdamW:
     def step(self, grads):
         """Apply one AdamW update to every parameter named in `grads` (in place).
 
-        Gradients are not modified unless clipping is on (then they are scaled in place).
-        Returns the gradient norm before clipping when clipping is on, else None.
+        The gradients are copied into one flat buffer per dtype first, so the caller's
+        arrays are never modified (clipping scales the copy). Returns the gradient norm
+        before clipping (a 0-d array: no host sync on a GPU) when clipping is on, else None.
         """
         params = self.model.params
         unknown = [n for n in grads if n not in params]
         if unknown:
             raise KeyError(f"gradients for unknown parameters: {unknown[:5]}")
-        norm = clip_grad_norm(grads, self.max_grad_norm) if self.max_grad_norm else None
+        lora = getattr(self.model, "lora", None)
+        if lora is not None and lora.merged and any(n in grads for n in lora.param_names):
+            # merged weights hold W + s*A@B of the old A, B: unmerging after a step on A, B
+            # would subtract the new product and leave W corrupted
+            raise RuntimeError("LoRA adapters are merged into the weights: unmerge_lora(model) before "
+                               "an optimizer step on them")
+        lr = _check_lr(self.schedule(self.step_count + 1))
+        if not self._packed(grads):
+            self._pack(list(grads))
+        flat_grads = [get_array_module(p).concatenate([grads[n].reshape(-1) for n in names]).astype(p.dtype, copy=False)
+                      for names, p, _, _ in self._groups]
+        norm = None
+        if self.max_grad_norm and flat_grads:  # torch.nn.utils.clip_grad_norm_ on the global norm, as clip_grad_norm
+            xp = get_array_module(flat_grads[0])
+            norm = xp.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in flat_grads))
+            coef = xp.minimum(self.max_grad_norm / (norm + 1e-6), 1.0)
+            for g in flat_grads:
+                g *= coef.astype(g.dtype)
         self.step_count += 1
         t = self.step_count
-        lr = self.last_lr = self.schedule(t)
+        self.last_lr = lr
         b1, b2 = self.betas
         step_size = lr / (1.0 - b1 ** t)
         bc2_sqrt = math.sqrt(1.0 - b2 ** t)
-        for name, g in grads.items():
-            p = params[name]
-            xp = get_array_module(p)
-            if name not in self.m:
-                self.m[name] = xp.zeros_like(p)
-                self.v[name] = xp.zeros_like(p)
-            m, v = self.m[name], self.v[name]
-            p *= 1.0 - lr * self.weight_decay
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            denom = xp.sqrt(v)
-            denom /= bc2_sqrt
-            denom += self.eps
-            p -= step_size * (m / denom)
+        for (_, p, m, v), g in zip(self._groups, flat_grads):  # one group per dtype: usually one
+            chunk = p.size if get_array_module(p) is not np else CPU_CHUNK
+            for i in range(0, p.size, chunk):
+                _adamw_update(p[i:i + chunk], m[i:i + chunk], v[i:i + chunk], g[i:i + chunk],
+                              lr * self.weight_decay, b1, b2, step_size, bc2_sqrt, self.eps)
         return norm
 
     def state_dict(self):
         """Everything needed to resume exactly: step count, hyperparameters, moments
-        (as NumPy arrays)."""
+        (as NumPy arrays, copies: later steps do not change them)."""
         return {"step": self.step_count, "betas": list(self.betas), "eps": self.eps,
                 "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm,
-                "m": {n: to_numpy(a) for n, a in self.m.items()},
-                "v": {n: to_numpy(a) for n, a in self.v.items()}}
+                "m": {n: np.array(to_numpy(a)) for n, a in self.m.items()},
+                "v": {n: np.array(to_numpy(a)) for n, a in self.v.items()}}
 
     def load_state_dict(self, state):
         """Restore a state_dict (moments moved to the model's device and dtype)."""
@@ -135,3 +217,4 @@ class AdamW:
         device, dtype = self.model.device, self.model.dtype
         self.m = {n: to_device(a, device, dtype) for n, a in state["m"].items()}
         self.v = {n: to_device(a, device, dtype) for n, a in state["v"].items()}
+        self._groups, self._views = [], {}  # the next step packs the loaded moments

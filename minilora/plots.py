@@ -10,12 +10,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .files import atomic_path  # noqa: E402
+
 
 def plot_values(epochs_seen, examples_seen, train_values, val_values, path, label="loss"):
-    """Write a PNG of train/val `label` against epochs (bottom) and examples seen (top)."""
+    """Write a PNG of train/val `label` against epochs (bottom) and examples seen (top).
+
+    A line needs two points: with fewer (one epoch's accuracy) each value is drawn as a
+    marker, or the plot would be empty."""
+    marker = "o" if len(epochs_seen) < 2 else None
     fig, ax1 = plt.subplots(figsize=(5, 3))
-    ax1.plot(epochs_seen, train_values, label=f"Training {label}")
-    ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
+    ax1.plot(epochs_seen, train_values, marker=marker, label=f"Training {label}")
+    ax1.plot(epochs_seen, val_values, linestyle="-.", marker=marker, label=f"Validation {label}")
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel(label.capitalize())
     ax1.legend()
@@ -23,8 +29,11 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, path, labe
     ax2.plot(examples_seen, train_values, alpha=0)
     ax2.set_xlabel("Examples seen")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")  # the temporary's name ends in .part
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -21,13 +21,13 @@ Learners" (the BPE); the book's chapter 2 uses the same tiktoken encoding.
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import tiktoken
 
 from .cache import cache_dir as minilora_home, is_offline
 from .download import DownloadError, download, sha256_of
+from .files import WriteError, atomic_path
 
 END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 50256  # also the padding id of the book's SpamDataset
@@ -92,15 +92,8 @@ def seed_tiktoken_cache(folder, cache_dir=None):
         dest = target / cache_file_name(url)
         if dest.is_file() and sha256_of(dest) == sha256:
             continue
-        target.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{name}.", suffix=".part")
-        os.close(fd)
-        try:
+        with atomic_path(dest) as tmp:
             shutil.copyfile(source, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     return target
 
 
@@ -125,7 +118,7 @@ def get_tokenizer(path=None, *, offline=None, progress=None):
     if path is not None:
         try:
             seed_tiktoken_cache(path, folder)
-        except OSError as exc:
+        except (OSError, WriteError) as exc:
             raise TokenizerError(f"cannot copy the tokenizer files from {path} into tiktoken's "
                                  f"cache {folder}: {exc}. Set TIKTOKEN_CACHE_DIR to a writable "
                                  f"folder.") from exc
@@ -137,9 +130,14 @@ def get_tokenizer(path=None, *, offline=None, progress=None):
             download(url, folder / cache_file_name(url), sha256=sha256, offline=offline,
                      progress=progress)
         except DownloadError as exc:
+            cached = folder / cache_file_name(url)
+            if cached.is_file():  # there, but not GPT-2's: say so, rather than "not in the cache"
+                problem = f"holds {cached}, which is not GPT-2's {name} (its sha256 is {sha256_of(cached)}, " \
+                          f"expected {sha256}), and"
+            else:
+                problem = f"has no {name} ({cached.name}) and"
             reason = "offline mode (MINILORA_OFFLINE=1 or offline=True)" if offline else str(exc)
-            raise TokenizerError(f"GPT-2's tokenizer file {name} is not in tiktoken's cache "
-                                 f"{folder} and cannot be downloaded: {reason}\n"
+            raise TokenizerError(f"tiktoken's cache {folder} {problem} it cannot be downloaded: {reason}\n"
                                  f"{_where_to_put_files(folder)}.") from exc
     # tiktoken verifies the sha256 of both cached files and keeps the Encoding for
     # the rest of the process.

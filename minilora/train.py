@@ -17,8 +17,6 @@ Library code does not print: progress goes to the ``log`` callback and a tqdm ba
 
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from .adapters import load_adapter, save_adapter
 from .backend import to_numpy
+from .files import atomic_folder, recover_folder
 from .layers import cross_entropy_backward, cross_entropy_forward
 
 POOLS = ("last", "last_real")
@@ -50,8 +49,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
-        if self.epochs < 1 or self.eval_freq < 1 or self.eval_iter < 1:
-            raise ValueError("epochs, eval_freq and eval_iter must be >= 1")
+        for name in ("epochs", "eval_freq", "eval_iter"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -125,6 +125,9 @@ def train_classifier(model, opt, train_loader, val_loader, config=None, *, check
     (None: only when stderr is a terminal).
     """
     config = config or TrainConfig()
+    if len(train_loader) == 0:  # would "train" 0 steps and report NaN accuracies
+        raise ValueError(f"the training loader has no batch: {len(train_loader.split)} examples, batch size "
+                         f"{train_loader.batch_size}{', last incomplete batch dropped' if train_loader.drop_last else ''}")
     state = state or LoopState()
     log = log or (lambda msg: None)
     bar = _progress_bar(config.epochs * len(train_loader), state.step, progress)
@@ -145,10 +148,12 @@ def train_classifier(model, opt, train_loader, val_loader, config=None, *, check
         values = to_numpy(model.xp.stack([loss for _, loss in pending])).astype(float)
         for (row, _), value in zip(pending, values):
             if not math.isfinite(value):
+                # name a checkpoint only when there is one (the first is written after epoch 1)
+                kept = (f"The last good checkpoint is kept in {checkpoint_dir}" if checkpoint_dir and has_checkpoint(checkpoint_dir)
+                        else "No checkpoint was written before it")
                 raise TrainingDiverged(
                     f"loss became {value} at step {row['step']} (epoch {row['epoch']}); the parameters "
-                    f"are no longer usable. The last good checkpoint is kept"
-                    f"{' in ' + str(checkpoint_dir) if checkpoint_dir else ''}; try a lower learning rate.")
+                    f"are no longer usable. {kept}; try a lower learning rate.")
             row["batch_loss"] = float(value)
         pending.clear()
         bar.set_postfix(loss=f"{values[-1]:.3f}", refresh=False)
@@ -224,42 +229,29 @@ ADAPTER_DIR = "adapter"
 
 def save_checkpoint(folder, model, opt, state):
     """Write adapter + optimizer + loop state to `folder`, atomically: everything goes
-    to a sibling temporary folder that then replaces `folder` in one rename, so a
-    crash mid-save leaves the previous checkpoint intact."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(model, tmp / ADAPTER_DIR)
-    opt_state = opt.state_dict()
-    tensors = {f"m/{n}": a for n, a in opt_state.pop("m").items()}
-    tensors.update({f"v/{n}": a for n, a in opt_state.pop("v").items()})
-    save_file({k: np.ascontiguousarray(a) for k, a in tensors.items()}, str(tmp / OPTIMIZER_FILE))
-    meta = {"loop": asdict(state), "optimizer": opt_state,
-            "dropout_rng": model._dropout_rng.bit_generator.state}
-    (tmp / STATE_FILE).write_text(json.dumps(meta))
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    to a sibling temporary folder that then replaces `folder` (minilora.files), so a
+    crash or a full disk mid-save leaves the previous checkpoint intact."""
+    with atomic_folder(folder) as tmp:
+        save_adapter(model, tmp / ADAPTER_DIR)
+        opt_state = opt.state_dict()
+        tensors = {f"m/{n}": a for n, a in opt_state.pop("m").items()}
+        tensors.update({f"v/{n}": a for n, a in opt_state.pop("v").items()})
+        save_file({k: np.ascontiguousarray(a) for k, a in tensors.items()}, str(tmp / OPTIMIZER_FILE))
+        meta = {"loop": asdict(state), "optimizer": opt_state,
+                "dropout_rng": model._dropout_rng.bit_generator.state}
+        (tmp / STATE_FILE).write_text(json.dumps(meta))
 
 
 def has_checkpoint(folder):
-    folder = Path(folder)
-    if not (folder / STATE_FILE).is_file() and Path(str(folder) + ".old").joinpath(STATE_FILE).is_file():
-        os.replace(str(folder) + ".old", folder)  # a crash between the two renames: take the old one
-    return (folder / STATE_FILE).is_file()
+    # a crash between atomic_folder's two renames leaves the previous checkpoint as <folder>.old
+    return recover_folder(folder, lambda f: (f / STATE_FILE).is_file())
 
 
 def load_checkpoint(folder, model, opt):
     """Restore adapter (into a model without LoRA), optimizer and dropout generator from
     `folder`; returns the LoopState to pass to train_classifier."""
     folder = Path(folder)
-    if not has_checkpoint(folder):
-        raise FileNotFoundError(f"no checkpoint in {folder}")
-    meta = json.loads((folder / STATE_FILE).read_text())
+    meta = _read_state(folder)
     load_adapter(model, folder / ADAPTER_DIR)
     tensors = load_file(str(folder / OPTIMIZER_FILE))
     opt_state = dict(meta["optimizer"])
@@ -268,3 +260,17 @@ def load_checkpoint(folder, model, opt):
     opt.load_state_dict(opt_state)
     model._dropout_rng.bit_generator.state = meta["dropout_rng"]
     return LoopState(**meta["loop"])
+
+
+def read_loop_state(folder):
+    """The LoopState of the checkpoint in `folder` alone (how far the run got), cheaply."""
+    return LoopState(**_read_state(Path(folder))["loop"])
+
+
+def _read_state(folder):
+    if not has_checkpoint(folder):
+        raise FileNotFoundError(f"no checkpoint in {folder}")
+    try:
+        return json.loads((folder / STATE_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / STATE_FILE} is not valid JSON ({e}): the checkpoint is damaged") from e

@@ -15,13 +15,15 @@ copies in memory, and every name and shape is checked before anything big is rea
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .cache import cache_dir, is_offline
 from .download import download
-from .model import PRESET_ALIASES, PRESETS, GPTConfig, param_shapes
+from .config import PRESET_ALIASES, PRESETS, GPTConfig, param_shapes
+from .files import atomic_path, write_text
 
 HF_ENDPOINT = "https://huggingface.co"
 HF_REPOS = {"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -208,20 +210,44 @@ def _download_url(url, offline, progress):
     return Path(path), cfg, url
 
 
+def read_config(name_or_path, offline=None, progress=None):
+    """The GPTConfig of a checkpoint (a preset, a file or a folder) from its config.json or
+    its header alone, without reading the weights: what a caller needs to check its
+    inputs (e.g. texts against the context length) before loading the model. A preset
+    needs no download at all."""
+    key = PRESET_ALIASES.get(str(name_or_path), str(name_or_path))
+    if key in PRESETS:
+        return GPTConfig.from_preset(key)
+    path, cfg, _ = resolve_checkpoint(name_or_path, offline, progress)
+    header = read_header(path)
+    return _checked_config(path, cfg, header, warn=False)
+
+
+def _checked_config(path, cfg, header, warn=True):
+    """The config of the checkpoint at `path`: config.json's (`cfg`), checked against the
+    tensors' shapes, or without one the shapes' own, with a warning about the guess."""
+    shapes = {n: s for n, (s, _, _) in header.items()}
+    inferred = config_from_shapes(shapes, n_heads=cfg.n_heads if cfg else None)
+    if cfg is None:
+        if warn:  # the head count is not in the shapes: a wrong guess gives a wrong model silently
+            warnings.warn(f"{path} has no {CONFIG_NAME} beside it: guessed n_heads = {inferred.n_heads} "
+                          f"(width {inferred.emb_dim} / 64, as in GPT-2); if that is wrong, put a "
+                          f"{CONFIG_NAME} with the right n_head beside it (Hugging Face layout)",
+                          stacklevel=3)
+        return inferred
+    wrong = [f"{k}: config says {getattr(cfg, k)}, tensors say {getattr(inferred, k)}"
+             for k in ("vocab_size", "context_length", "emb_dim", "n_layers", "qkv_bias")
+             if getattr(cfg, k) != getattr(inferred, k)]
+    if wrong:
+        raise CheckpointError(f"{path}: the configuration disagrees with the tensors:\n  " + "\n  ".join(wrong))
+    return cfg
+
+
 def load_pretrained(cls, name_or_path, dtype="float32", device=None, offline=None, progress=None):
     """Build a `cls` (GPTModel) from pretrained weights; see GPTModel.from_pretrained."""
     path, cfg, name = resolve_checkpoint(name_or_path, offline, progress)
     header = read_header(path)
-    shapes = {n: s for n, (s, _, _) in header.items()}
-    inferred = config_from_shapes(shapes, n_heads=cfg.n_heads if cfg else None)
-    if cfg is None:
-        cfg = inferred
-    else:
-        wrong = [f"{k}: config says {getattr(cfg, k)}, tensors say {getattr(inferred, k)}"
-                 for k in ("vocab_size", "context_length", "emb_dim", "n_layers", "qkv_bias")
-                 if getattr(cfg, k) != getattr(inferred, k)]
-        if wrong:
-            raise CheckpointError(f"{path}: the configuration disagrees with the tensors:\n  " + "\n  ".join(wrong))
+    cfg = _checked_config(path, cfg, header)
     check_tensors(header, cfg, path)
     model = cls(cfg, dtype=dtype, device=device, init=False)
     f = _open(path)
@@ -251,24 +277,15 @@ def write_checkpoint(params, path, prefix="", buffers=False):
         T = params["wpe.weight"].shape[0]
         for i in layers:
             tensors[f"{prefix}h.{i}.attn.bias"] = np.tril(np.ones((1, 1, T, T), dtype=np.float32))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def save_pretrained(model, folder):
     """Write the base model as folder/model.safetensors + folder/config.json (HF layout)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     base = {n: model.params[n] for n in param_shapes(model.cfg)}
     write_checkpoint(base, folder / WEIGHTS_NAME)
-    tmp = folder / f".{CONFIG_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(config_to_hf(model.cfg), indent=2))
-    os.replace(tmp, folder / CONFIG_NAME)
+    write_text(folder / CONFIG_NAME, json.dumps(config_to_hf(model.cfg), indent=2))
     return folder

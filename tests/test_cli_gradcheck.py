@@ -41,12 +41,25 @@ def test_gradcheck_exits_1_when_a_backward_is_broken(monkeypatch, capsys):
     import minilora.gradcheck as gc
     import minilora.model as model_mod
 
-    monkeypatch.setattr(gc, "gelu_backward", broken_gelu_backward)
+    monkeypatch.setattr(gc.PROJECT_LAYERS, "gelu_backward", broken_gelu_backward)
     monkeypatch.setattr(model_mod, "gelu_backward", broken_gelu_backward)
     assert cli.main(["gradcheck", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
-    failed = {c["name"] for c in report["checks"] if not c["passed"]}
+    checks = {c["name"]: c for c in report["checks"]}
+    failed = {name for name, c in checks.items() if not c["passed"]}
     assert report["passed"] is False and {"gelu", "gpt2"} <= failed
+    # each failure names its worst entry: the input (or parameter) name, index and both values
+    worst = checks["gelu"]["worst"]
+    assert worst["input"] == "x" and len(worst["index"]) == 3
+    assert abs(worst["analytic"] - worst["numeric"]) > 1e-3
+    worst = checks["gpt2"]["worst"]
+    assert worst["input"] in checks["gpt2"]["errors"] and worst["input"].startswith("h.")  # a block parameter
+    assert abs(worst["analytic"] - worst["numeric"]) > 1e-6
+
+    assert cli.main(["gradcheck", "--only", "gelu"]) == 1
+    out = capsys.readouterr().out
+    i = ", ".join(map(str, checks["gelu"]["worst"]["index"]))
+    assert f"gelu: worst entry x[{i}]: analytic " in out and "numeric " in out
 
 
 def test_no_command_prints_help(capsys):

@@ -16,7 +16,7 @@ LAYER_NAMES = ["embedding", "linear", "layernorm", "gelu", "dropout", "attention
 
 @pytest.fixture
 def results(xp):
-    return {r.name: r for r in layer_checks(xp, seed=0)}
+    return {c.name: c.run() for c in layer_checks(xp, seed=0)}
 
 
 @pytest.mark.parametrize("name", LAYER_NAMES)
@@ -27,7 +27,7 @@ def test_backward_matches_finite_differences(results, name):
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_checks_hold_for_other_random_inputs(xp, seed):
-    for r in layer_checks(xp, seed=seed):
+    for r in (c.run() for c in layer_checks(xp, seed=seed)):
         assert r.passed, (r.name, r.errors)
 
 
@@ -94,7 +94,7 @@ def test_checker_fails_when_model_backward_is_broken(monkeypatch, tiny_cfg):
         return (dout * 0.5 * (1.0 + t),)  # dropped: the x * sech^2 term
 
     monkeypatch.setattr(model_mod, "gelu_backward", broken_gelu_backward)
-    r = gradcheck.model_checks("cpu")[0]
+    r = gradcheck.model_checks("cpu")[0].run()
     assert r.name == "gpt2" and not r.passed
 
 

@@ -116,3 +116,107 @@ def test_bad_state_and_grads_are_clear_errors():
     with pytest.raises(ValueError, match="shape"):
         opt.load_state_dict({"step": 1, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
                              "max_grad_norm": None, "m": {"w": np.zeros(3)}, "v": {"w": np.zeros(3)}})
+
+
+# ---------------------------------------------------------------- flat buffers
+
+
+def per_tensor_adamw(params, steps, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.1):
+    """The update tensor by tensor, as the optimizer ran it before its flat buffers:
+    each step updates the tensors its gradient dict names."""
+    params = {n: p.copy() for n, p in params.items()}
+    m = {n: np.zeros_like(p) for n, p in params.items()}
+    v = {n: np.zeros_like(p) for n, p in params.items()}
+    for t, grads in enumerate(steps, start=1):
+        for n, g in grads.items():
+            p = params[n]
+            p *= 1.0 - lr * wd
+            m[n] *= b1
+            m[n] += (1.0 - b1) * g
+            v[n] *= b2
+            v[n] += (1.0 - b2) * (g * g)
+            denom = np.sqrt(v[n])
+            denom /= math.sqrt(1.0 - b2 ** t)
+            denom += eps
+            p -= lr / (1.0 - b1 ** t) * (m[n] / denom)
+    return params
+
+
+@pytest.mark.parametrize("chunk", [4, 1 << 16])  # the CPU's pieces of the flat buffer: many, or one
+def test_flat_update_is_the_per_tensor_update_bit_for_bit(rng, monkeypatch, chunk):
+    """Tensors of several shapes and two dtypes; the set of trained names changes between
+    steps (repacking), and one parameter is replaced by a new array (as load_adapter does)."""
+    monkeypatch.setattr(ml.optim, "CPU_CHUNK", chunk)
+    start = {"a": rng.standard_normal((5, 3)), "b": rng.standard_normal(7), "c": rng.standard_normal((2, 2, 3)),
+             "h": rng.standard_normal((4, 2)).astype(np.float32)}
+    names = [["a", "b", "c", "h"], ["a", "b", "c", "h"], ["a", "c"], ["a", "b", "c", "h"], ["b", "h"]]
+    steps = [{n: rng.standard_normal(start[n].shape).astype(start[n].dtype) for n in ns} for ns in names]
+    model = ParamsOnly({n: p.copy() for n, p in start.items()})
+    opt = ml.AdamW(model, lr=1e-2, weight_decay=0.1)
+    for k, grads in enumerate(steps):
+        if k == 1:
+            model.params["c"] = model.params["c"].copy()  # a new array: the optimizer must follow it
+        opt.step({n: g.copy() for n, g in grads.items()})
+    expected = per_tensor_adamw(start, steps, lr=1e-2)
+    for n in start:
+        np.testing.assert_array_equal(model.params[n], expected[n], err_msg=n)
+        assert model.params[n].dtype == start[n].dtype
+
+
+def test_trained_tensors_are_views_of_one_buffer_per_dtype(rng):
+    model = ParamsOnly({"a": rng.standard_normal((5, 3)), "b": rng.standard_normal(7), "frozen": np.zeros(2)})
+    opt = ml.AdamW(model, lr=1e-3)
+    opt.step({"a": rng.standard_normal((5, 3)), "b": rng.standard_normal(7)})
+    a, b = model.params["a"], model.params["b"]
+    assert a.shape == (5, 3) and b.shape == (7,) and a.base is not None and a.base is b.base
+    assert a.base.size == 15 + 7 and model.params["frozen"].base is None  # only what trains is packed
+    assert opt.m["a"].base is opt.m["b"].base and opt.m["a"].shape == (5, 3)
+    assert set(opt.state_dict()["m"]) == {"a", "b"}
+
+
+def test_step_leaves_the_callers_gradients_alone(rng):
+    model = ParamsOnly({"a": rng.standard_normal((5, 3))})
+    grads = {"a": rng.standard_normal((5, 3)) * 100}
+    before = grads["a"].copy()
+    norm = ml.AdamW(model, lr=1e-3, max_grad_norm=1.0).step(grads)
+    assert float(norm) == pytest.approx(np.linalg.norm(before))
+    np.testing.assert_array_equal(grads["a"], before)
+
+
+def test_clipped_flat_update_matches_clipping_tensor_by_tensor(rng):
+    start = {"a": rng.standard_normal((5, 3)), "b": rng.standard_normal(7)}
+    steps = [{n: rng.standard_normal(p.shape) * 10 for n, p in start.items()} for _ in range(4)]
+    model = ParamsOnly({n: p.copy() for n, p in start.items()})
+    opt = ml.AdamW(model, lr=1e-2, weight_decay=0.1, max_grad_norm=1.0)
+    clipped = []
+    for grads in steps:
+        opt.step({n: g.copy() for n, g in grads.items()})
+        copy = {n: g.copy() for n, g in grads.items()}
+        ml.clip_grad_norm(copy, 1.0)
+        clipped.append(copy)
+    expected = per_tensor_adamw(start, clipped, lr=1e-2)
+    for n in start:
+        np.testing.assert_allclose(model.params[n], expected[n], rtol=1e-14, atol=1e-16)
+
+
+def test_loading_a_state_into_an_optimizer_that_has_stepped(rng):
+    """load_state_dict replaces the moments the flat buffers hold: the next steps use the loaded ones."""
+    start = {"a": rng.standard_normal((5, 3)), "b": rng.standard_normal(7)}
+    steps = [{n: rng.standard_normal(p.shape) for n, p in start.items()} for _ in range(5)]
+    model = ParamsOnly({n: p.copy() for n, p in start.items()})
+    opt = ml.AdamW(model, lr=1e-2)
+    opt.step(steps[0])
+    saved_state, saved_params = opt.state_dict(), {n: p.copy() for n, p in model.params.items()}
+    for g in steps[1:3]:  # wander off, then go back to the saved point
+        opt.step(g)
+    opt.load_state_dict(saved_state)
+    for n, p in saved_params.items():
+        model.params[n][...] = p
+    for g in steps[1:]:
+        opt.step(g)
+    straight = ParamsOnly({n: p.copy() for n, p in start.items()})
+    opt2 = ml.AdamW(straight, lr=1e-2)
+    for g in steps:
+        opt2.step(g)
+    for n in start:
+        np.testing.assert_array_equal(model.params[n], straight.params[n])
