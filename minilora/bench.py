@@ -28,7 +28,8 @@ import numpy as np
 from . import backend
 from .layers import cross_entropy_backward, cross_entropy_forward
 from .lora import apply_lora
-from .model import GPTConfig, GPTModel, param_shapes
+from .config import GPTConfig, param_shapes
+from .model import GPTModel
 from .optim import AdamW
 
 
