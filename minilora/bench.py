@@ -26,9 +26,9 @@ import tracemalloc
 import numpy as np
 
 from . import backend
+from .config import GPTConfig, param_shapes
 from .layers import cross_entropy_backward, cross_entropy_forward
 from .lora import apply_lora
-from .config import GPTConfig, param_shapes
 from .model import GPTModel
 from .optim import AdamW
 
@@ -246,7 +246,7 @@ _RSS_CHILD = """
 import json, resource, sys
 framework, config, batch, seq, rank, targets, steps = sys.argv[1:]
 batch, seq, rank, steps, targets = int(batch), int(seq), int(rank), int(steps), json.loads(targets)
-from minilora.model import GPTConfig
+from minilora.config import GPTConfig
 cfg = GPTConfig.from_dict(json.loads(config))
 if framework == "minilora":
     from minilora.bench import build_step

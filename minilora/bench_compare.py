@@ -38,8 +38,8 @@ import numpy as np
 from . import backend
 from .adapters import save_adapter
 from .bench import build_step, matmul_floor_fn, matmul_flops, peak_rss, peak_step_memory, time_calls
-from .lora import adapter_sites
 from .config import GPTConfig, param_shapes
+from .lora import adapter_sites
 from .weights import save_pretrained, write_checkpoint
 
 
