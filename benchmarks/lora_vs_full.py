@@ -40,19 +40,24 @@ def chart(report, path):
     if all("peak_rss_bytes" in r for r in rows):
         ax.plot(x, [r["peak_rss_bytes"] / 2**30 for r in rows], "k_", markersize=28, mew=2,
                 label="peak RSS, fresh process")
+    top = max(bottom + [r.get("peak_rss_bytes", 0) / 2**30 for r in rows])
+    ax.set_ylim(0, top * 1.6)  # room for the legend above the bars
     ax.set_ylabel("GiB")
     ax.set_title("training memory")
     ax.legend(fontsize=7, loc="upper right")
     ax = axes[1]
     if all("step_seconds" in r for r in rows):
-        ax.bar([i - 0.2 for i in x], [r["step_seconds"] for r in rows], 0.4, label="step (median)", color="#37474f")
-        if all("floor_seconds" in r for r in rows):
-            ax.bar([i + 0.2 for i in x], [r["floor_seconds"] for r in rows], 0.4, label="its matmul floor",
+        floors = all("floor_seconds" in r for r in rows)
+        dx, w = (0.2, 0.4) if floors else (0.0, 0.6)
+        ax.bar([i - dx for i in x], [r["step_seconds"] for r in rows], w, label="step (median)", color="#37474f")
+        if floors:
+            ax.bar([i + dx for i in x], [r["floor_seconds"] for r in rows], w, label="its matmul floor",
                    color="#90a4ae")
-        ax.bar([i - 0.2 for i in x], [r["optimizer_seconds"] for r in rows], 0.4, label="of which AdamW",
+        ax.bar([i - dx for i in x], [r["optimizer_seconds"] for r in rows], w, label="of which AdamW",
                color=COLORS["AdamW m + v"])
+        ax.set_ylim(0, max(r["step_seconds"] for r in rows) * 1.35)
         ax.set_ylabel("seconds")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
     else:
         ax.text(0.5, 0.5, "not timed", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("training step")
