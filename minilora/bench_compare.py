@@ -103,6 +103,7 @@ def save_finetune(model, folder):
 
 
 def machine_info():
+    """What the figures were measured on: CPU, cores used, memory, Python, NumPy and its BLAS."""
     info = {"machine": platform.machine(), "python": platform.python_version(), "numpy": np.__version__,
             "cpu_threads": backend.cpu_threads()}
     try:
@@ -123,6 +124,8 @@ def machine_info():
 
 
 def loadavg():
+    """The 1, 5 and 15 minute load averages (None where the OS has none): on a shared
+    machine they say how quiet the run was."""
     try:
         return list(os.getloadavg())
     except OSError:
