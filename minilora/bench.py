@@ -15,6 +15,7 @@ so that the ratios are meaningful on a noisy machine:
 """
 
 import json
+import math
 import pstats
 import resource
 import subprocess
@@ -25,32 +26,66 @@ import tracemalloc
 import numpy as np
 
 from . import backend
+from .config import GPTConfig, param_shapes
 from .layers import cross_entropy_backward, cross_entropy_forward
 from .lora import apply_lora
-from .model import GPTConfig, GPTModel
+from .model import GPTModel
 from .optim import AdamW
 
 
-def build_step(cfg, batch=8, seq=120, rank=16, device=None, dtype="float32", seed=0):
-    """(model, step function) for the appendix E LoRA step at this shape; the step
-    function takes train=False to run the evaluation forward (no cache, no update)."""
-    model = GPTModel(cfg, seed=seed, dtype=dtype, device=device).replace_head(2)
-    apply_lora(model, rank=rank, alpha=rank)
-    opt = AdamW(model, lr=8e-4, weight_decay=0.1)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, cfg.vocab_size, (batch, seq))
-    labels = model.xp.asarray(rng.integers(0, 2, batch))
-    positions = np.full(batch, seq - 1)
+class TrainStep:
+    """One classifier training step of `model` at a fixed batch: forward, loss, backward,
+    AdamW. Called with train=False it runs the evaluation forward (no cache, no update).
+    Keeps the optimizer (`opt`, whose m and v are the optimizer state) and the bytes of
+    the latest gradients dict (`grad_bytes`) and the seconds its AdamW update took
+    (`optimizer_seconds`) for the reports."""
 
-    def step(train=True):
+    def __init__(self, model, batch, seq, seed=0):
+        cfg = model.cfg
+        self.model = model
+        self.opt = AdamW(model, lr=8e-4, weight_decay=0.1)
+        rng = np.random.default_rng(seed)
+        self.idx = rng.integers(0, cfg.vocab_size, (batch, seq))
+        self.labels = model.xp.asarray(rng.integers(0, 2, batch))
+        self.positions = np.full(batch, seq - 1)
+        self.grad_bytes = self.optimizer_seconds = None
+
+    def __call__(self, train=True):
+        model = self.model
         if not train:
-            return model.forward(idx, keep_cache=False, positions=positions)
-        logits = model.forward(idx, positions=positions)  # [B, 2]
-        loss, cache = cross_entropy_forward(logits, labels)
-        opt.step(model.backward(cross_entropy_backward(1.0, cache)[0]))
+            return model.forward(self.idx, keep_cache=False, positions=self.positions)
+        logits = model.forward(self.idx, positions=self.positions)  # [B, 2]
+        loss, cache = cross_entropy_forward(logits, self.labels)
+        grads = model.backward(cross_entropy_backward(1.0, cache)[0])
+        self.grad_bytes = sum(int(g.nbytes) for g in grads.values())
+        _sync(model.xp)
+        t = time.perf_counter()
+        self.opt.step(grads)
+        _sync(model.xp)
+        self.optimizer_seconds = time.perf_counter() - t
         return loss
 
-    return model, step
+
+def build_step(cfg, batch=8, seq=120, rank=16, device=None, dtype="float32", seed=0, targets="all", base=None):
+    """(model, step) for a classifier step at this shape: GPT-2 `cfg` with random
+    weights and a new 2-class head, then LoRA of this rank on `targets` (appendix E by
+    default; see lora.resolve_targets), or, with targets=None, full fine-tuning: no
+    adapters, every parameter trains (embeddings and the new head included).
+
+    base: a model of the same config whose GPT-2 weights to share rather than make
+    anew (LoRA only: it never writes them), to fit several setups in memory at once."""
+    if base is not None:
+        if targets is None:
+            raise ValueError("full fine-tuning writes its weights: it cannot share another model's")
+        model = GPTModel(cfg, dtype=dtype, device=device, init=False)
+        model.params = {n: base.params[n] for n in param_shapes(cfg)}
+        model.trainable = list(model.params)
+    else:
+        model = GPTModel(cfg, seed=seed, dtype=dtype, device=device)
+    model.replace_head(2)
+    if targets is not None:
+        apply_lora(model, rank=rank, alpha=rank, targets=targets)
+    return model, TrainStep(model, batch, seq, seed)
 
 
 def _sync(xp):
@@ -72,66 +107,119 @@ def time_calls(fn, xp, repeats, warmup=1):
     return float(np.median(times))
 
 
-def step_matmuls(cfg, batch, seq, rank, n_classes=2):
-    """Every matrix product of one LoRA step as (a_shape, b_shape, a_transposed,
-    b_transposed): logical shapes, and whether the step multiplies a transposed view
-    (dx = dout @ W^T, dW-like products x^T @ dout) rather than a contiguous array.
-    The step classifies from one position, so its last block runs one query per
-    sequence and the layers after its attention on `batch` rows; the embeddings are
-    frozen, so block 0 computes no dx under its attention."""
-    N, C, NH, r, T = batch * seq, cfg.emb_dim, cfg.n_heads, rank, seq
+def step_matmuls(model, batch, seq):
+    """Every matrix product of one training step of `model` (a TrainStep: a classifier
+    reading one position per sequence) as (a_shape, b_shape, a_transposed, b_transposed):
+    logical shapes, and whether the step multiplies a transposed view (dx = dout @ W^T,
+    dW-like products x^T @ dout) rather than a contiguous array.
+
+    What is trained decides the list, as in GPTModel._backward_shard: a dW product only
+    for a trained weight, the adapters' products for each LoRA adapter, and no backward
+    at all under the lowest block that trains something (no dx under its attention
+    unless the embeddings or its ln_1 train). The last block runs one query per sequence
+    and the layers after its attention on `batch` rows."""
+    cfg, p, train = model.cfg, model.params, set(model.trainable)
+    N, C, NH, T = batch * seq, cfg.emb_dim, cfg.n_heads, seq
     hs = C // NH
 
-    def linear(rows, i, o, adapters, need_dx=True):
-        """x @ W; dx = dout @ W^T; each adapter: x A, (xA) B; dB, g = dout B^T, dA, dx += g A^T."""
-        prods = [((rows, i), (i, o), False, False)] + [((rows, o), (o, i), False, True)] * need_dx
-        for a_in, a_out in adapters:
-            prods += [((rows, a_in), (a_in, r), False, False), ((rows, r), (r, a_out), False, False),
-                      ((r, rows), (rows, a_out), True, False), ((rows, a_out), (a_out, r), False, True),
+    def adapters(name):  # (in, r, out) of each LoRA adapter on the linear `name`
+        active = model.lora.active(name) if model.lora is not None else ()
+        return [p[ad.prefix + ".lora_A"].shape + p[ad.prefix + ".lora_B"].shape[1:] for ad in active]
+
+    def linear_forward(rows, name):
+        """x @ W; each adapter: x A, (xA) B."""
+        i, o = p[name + ".weight"].shape
+        prods = [((rows, i), (i, o), False, False)]
+        for a_in, r, a_out in adapters(name):
+            prods += [((rows, a_in), (a_in, r), False, False), ((rows, r), (r, a_out), False, False)]
+        return prods
+
+    def linear_backward(rows, name, need_dx=True):
+        """dx = dout @ W^T; dW = x^T dout when W trains; each adapter: dB, g = dout B^T, dA, dx += g A^T."""
+        i, o = p[name + ".weight"].shape
+        prods = [((rows, o), (o, i), False, True)] * need_dx
+        prods += [((i, rows), (rows, o), True, False)] * (name + ".weight" in train)
+        for a_in, r, a_out in adapters(name):
+            prods += [((r, rows), (rows, a_out), True, False), ((rows, a_out), (a_out, r), False, True),
                       ((a_in, rows), (rows, r), True, False)] + [((rows, r), (r, a_in), False, True)] * need_dx
         return prods
 
-    def attention(Tq):  # forward q k^T, att v; backward dy v^T, att^T dy, dpre k, dpre^T q
+    def attention(Tq, backward):  # forward q k^T, att v; backward dy v^T, att^T dy, dpre k, dpre^T q
         q, kT = (batch, NH, Tq, hs), (batch, NH, hs, T)
         att, kv = (batch, NH, Tq, T), (batch, NH, T, hs)
         attT, dy = (batch, NH, T, Tq), (batch, NH, Tq, hs)
-        return [(q, kT, False, True), (att, kv, False, False), (dy, kT, False, True),
-                (attT, dy, True, False), (att, kv, False, False), (attT, q, True, False)]
+        if backward:
+            return [(dy, kT, False, True), (attT, dy, True, False), (att, kv, False, False), (attT, q, True, False)]
+        return [(q, kT, False, True), (att, kv, False, False)]
 
+    embeddings_train = "wte.weight" in train or "wpe.weight" in train
+    trained_blocks = [int(n.split(".")[1]) for n in train if n.startswith("h.")]
+    lowest = 0 if embeddings_train else min(trained_blocks, default=cfg.n_layers)
     prods = []
     for layer in range(cfg.n_layers):
+        h = f"h.{layer}."
         rows, Tq = (batch, 1) if layer == cfg.n_layers - 1 else (N, T)
-        # c_attn with LoRA on q, k, v; under block 0 everything is frozen: no dx
-        prods += linear(N, C, 3 * C, [(C, C)] * 3, need_dx=layer > 0)
-        prods += attention(Tq)
-        prods += linear(rows, C, C, [(C, C)])  # attn.c_proj
-        prods += linear(rows, C, 4 * C, [(C, 4 * C)])  # mlp.c_fc
-        prods += linear(rows, 4 * C, C, [(4 * C, C)])  # mlp.c_proj
-    prods += linear(batch, C, n_classes, [(C, n_classes)])  # the classifier head, with its LoRA
+        mlp = [(rows, h + "attn.c_proj"), (rows, h + "mlp.c_fc"), (rows, h + "mlp.c_proj")]
+        prods += linear_forward(N, h + "attn.c_attn") + attention(Tq, backward=False)
+        for r_, name in mlp:
+            prods += linear_forward(r_, name)
+        if layer < lowest:
+            continue  # frozen and nothing under it trains: no backward
+        below = layer > lowest or embeddings_train
+        ln1_trains = h + "ln_1.weight" in train or h + "ln_1.bias" in train
+        prods += linear_backward(rows, h + "mlp.c_proj") + linear_backward(rows, h + "mlp.c_fc")
+        if below or ln1_trains or any(n.startswith(h + "attn.") for n in train):
+            prods += linear_backward(rows, h + "attn.c_proj") + attention(Tq, backward=True)
+            prods += linear_backward(N, h + "attn.c_attn", need_dx=below or ln1_trains)
+    prods += linear_forward(batch, "out_head") + linear_backward(batch, "out_head")  # the classifier head
     return prods
 
 
-def matmul_floor_fn(cfg, batch, seq, rank, xp, dtype, device="cpu"):
-    """A function running the step's matrix products alone, on operands made once, the
-    way the step runs them: split into the model's batch shards, side by side."""
+def matmul_floor_fn(step, operands=None):
+    """A function running the matrix products of `step` (a TrainStep) alone, on operands
+    made once, the way the step runs them: split into the model's batch shards, side by
+    side. Within one floor every product has operands of its own, so that none runs on
+    another's cached data. operands: a dict to share them between the floors of several
+    steps (see bench_compare), which run one after another: the k-th operand of a given
+    shape in a shard is the same array in each of them, so the memory is the largest
+    floor's, not the sum."""
+    model = step.model
+    xp, dtype, (batch, seq) = model.xp, model.dtype, step.idx.shape
     rng = np.random.default_rng(0)
+    operands = {} if operands is None else operands
 
-    def operand(shape, transposed):
-        stored = shape[:-2] + shape[-2:][::-1] if transposed else shape
-        a = xp.asarray(rng.standard_normal(stored, dtype=np.float32).astype(dtype))
-        return xp.swapaxes(a, -1, -2) if transposed else a
+    def operand(key, shape, transposed):
+        if key not in operands:
+            stored = shape[:-2] + shape[-2:][::-1] if transposed else shape
+            a = xp.asarray(rng.standard_normal(stored, dtype=np.float32).astype(dtype))
+            operands[key] = xp.swapaxes(a, -1, -2) if transposed else a
+        return operands[key]
 
-    shards = [[(operand(a, ta), operand(b, tb)) for a, b, ta, tb in step_matmuls(cfg, s.stop - s.start, seq, rank)]
-              for s in backend.batch_shards(batch, device)]
+    shards = []
+    for k, s in enumerate(backend.batch_shards(batch, model.device)):
+        seen = {}
+        pairs = []
+        for a, b, ta, tb in step_matmuls(model, s.stop - s.start, seq):
+            keys = []
+            for shape, t in ((a, ta), (b, tb)):
+                n = seen[shape, t] = seen.get((shape, t), -1) + 1
+                keys.append(operand((k, shape, t, n), shape, t))
+            pairs.append(tuple(keys))
+        shards.append(pairs)
 
-    def run_shard(operands):
-        for a, b in operands:
+    def run_shard(pairs):
+        for a, b in pairs:
             a @ b
 
     def run():
-        backend.run_parallel(run_shard, [(operands,) for operands in shards])
+        backend.run_parallel(run_shard, [(pairs,) for pairs in shards])
 
     return run
+
+
+def matmul_flops(model, batch, seq):
+    """2 * m * k * n summed over the products of one step (its floor's FLOPs)."""
+    return sum(2 * math.prod(a) * b[-1] for a, b, _, _ in step_matmuls(model, batch, seq))
 
 
 def peak_step_memory(step, xp):
@@ -156,13 +244,13 @@ def peak_step_memory(step, xp):
 
 _RSS_CHILD = """
 import json, resource, sys
-framework, preset, batch, seq, rank, steps = sys.argv[1:]
-batch, seq, rank, steps = int(batch), int(seq), int(rank), int(steps)
-from minilora.model import GPTConfig
-cfg = GPTConfig.from_preset(preset)
+framework, config, batch, seq, rank, targets, steps = sys.argv[1:]
+batch, seq, rank, steps, targets = int(batch), int(seq), int(rank), int(steps), json.loads(targets)
+from minilora.config import GPTConfig
+cfg = GPTConfig.from_dict(json.loads(config))
 if framework == "minilora":
     from minilora.bench import build_step
-    step = build_step(cfg, batch, seq, rank)[1]
+    step = build_step(cfg, batch, seq, rank, targets=targets)[1]
     for _ in range(steps):
         step()
 else:
@@ -186,11 +274,16 @@ def own_peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_rss(framework="minilora", preset="gpt2-small", batch=8, seq=120, rank=16, steps=2):
+def peak_rss(framework="minilora", preset="gpt2-small", batch=8, seq=120, rank=16, steps=2, targets="all"):
     """Peak resident memory (bytes) of a fresh process that builds the model and runs
-    `steps` training steps: the number to compare between minilora and "torch"."""
-    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, framework, preset, str(batch), str(seq),
-                          str(rank), str(steps)], capture_output=True, text=True, check=True)
+    `steps` training steps: the number to compare between minilora and "torch", or
+    between minilora's LoRA `targets` and full fine-tuning (targets=None; build_step).
+    preset: a preset name or a GPTConfig."""
+    cfg = preset if isinstance(preset, GPTConfig) else GPTConfig.from_preset(preset)
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, framework, json.dumps(cfg.to_dict()), str(batch),
+                          str(seq), str(rank), json.dumps(targets), str(steps)], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the peak-RSS process failed:\n{out.stderr[-2000:]}")
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -259,7 +352,7 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
     xp = model.xp
     # step and floor alternate, round by round, so that a slow spell of a noisy machine
     # hits both; the ratio is the median of the per-round ratios
-    floor_fn = matmul_floor_fn(cfg, batch, seq, rank, xp, dtype, device)
+    floor_fn = matmul_floor_fn(step)
     shards = len(backend.batch_shards(batch, device))
     for fn in (step, step, floor_fn):  # warm-up
         fn()

@@ -189,9 +189,34 @@ def cmd_generate(args):
     return 0
 
 
+def cmd_bench_compare(args):
+    from .bench_compare import explain, format_table, run_compare
+
+    log = None if args.json else (lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True))
+    report = run_compare(args.model, args.batch_size, args.seq, args.device, args.dtype, repeats=args.repeats,
+                         timing=not args.no_timing, floor=not args.no_floor, rss=not args.no_rss, log=log)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    r = report
+    print(f"LoRA against full fine-tuning, {r['model']} shape (random weights), 2-class head, AdamW, "
+          f"batch {r['batch']} x {r['seq']} tokens, {r['dtype']}, {r['device']} "
+          f"({r['batch_shards']} shard(s)); load average {r['loadavg_before']} -> {r['loadavg_after']}")
+    print("\n".join(format_table(r)))
+    print()
+    print("\n".join(explain(r)))
+    return 0
+
+
 def cmd_bench(args):
     from .bench import memory_by_batch, peak_rss, run_benchmark
 
+    if args.compare:
+        return cmd_bench_compare(args)
     report = run_benchmark(args.model, args.batch_size, args.seq, args.rank, args.device, args.dtype,
                            repeats=args.repeats, generation=not args.no_generation, torch=not args.no_torch)
     if args.memory:
@@ -321,6 +346,14 @@ def build_parser():
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--no-generation", action="store_true", help="skip the generation timing")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--compare", action="store_true",
+                   help="LoRA against full fine-tuning: memory, optimizer state, gradients, checkpoint size and "
+                        "step time of full fine-tuning, LoRA r=16 on every linear, r=4 on W_q/W_v, r=8 on "
+                        "W_q/W_k/W_v/W_o (--model also takes 'tiny', a shape for quick checks)")
+    p.add_argument("--no-timing", action="store_true", help="--compare: memory and sizes only")
+    p.add_argument("--no-floor", action="store_true", help="--compare: skip the matmul floors")
+    p.add_argument("--no-rss", action="store_true", help="--compare: skip the fresh-process peak RSS")
+    p.add_argument("--out", default=None, help="--compare: also write the JSON report to this file")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("gradcheck", help="check every backward pass against finite differences (offline)",

@@ -185,4 +185,4 @@ def test_benchmark_profiles_and_floors_every_shard(monkeypatch, tiny_cfg):
     rows = layer_breakdown(step, shards=2)
     for name in ("linear_forward", "linear_backward", "attention_backward", "lora_forward", "gelu_backward"):
         assert name in rows, (name, rows)
-    matmul_floor_fn(tiny_cfg, 4, 5, 2, np, "float32")()
+    matmul_floor_fn(step)()
