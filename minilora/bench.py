@@ -343,6 +343,9 @@ def appendix_e_seconds(step_s, eval_s, epochs=5, train_batches=130, val_batches=
     return steps * step_s + eval_batches * eval_s
 
 
+DISPATCH_WIDTH, DISPATCH_HEADS = 64, 4  # the fixed-cost step: same layers and operations, tiny width
+
+
 def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, dtype="float32",
                   repeats=5, breakdown=True, generation=True, torch=True):
     """The full report as a dict (see the module docstring)."""
@@ -360,6 +363,12 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
     step_s = float(np.median([s for s, _ in rounds]))
     floor_s = float(np.median([f for _, f in rounds]))
     eval_s = time_calls(lambda: step(train=False), xp, repeats)
+    # the same step, every operation in the same order, at width 64: its time is what a
+    # step costs whatever the arithmetic (Python, dispatch, kernel launches on a GPU)
+    dispatch_cfg = GPTConfig(**{**cfg.to_dict(), "emb_dim": DISPATCH_WIDTH, "n_heads": DISPATCH_HEADS})
+    _, dispatch_step = build_step(dispatch_cfg, batch, seq, rank, device, dtype)
+    dispatch_s = time_calls(dispatch_step, xp, repeats, warmup=2)
+    del dispatch_step
     report = {
         "device": device, "model": preset, "batch": batch, "seq": seq, "rank": rank, "dtype": dtype,
         "batch_shards": shards, "cpu_threads": backend.cpu_threads(),
@@ -368,6 +377,7 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
         "matmul_floor_seconds": floor_s,
         "step_over_floor": float(np.median([s / f for s, f in rounds])),
         "eval_batch_seconds": eval_s,
+        "dispatch_step_seconds": dispatch_s, "dispatch_width": DISPATCH_WIDTH, "dispatch_heads": DISPATCH_HEADS,
         "appendix_e_projected_seconds": appendix_e_seconds(step_s, eval_s),
         "step_peak_bytes": peak_step_memory(step, xp),
         "process_peak_rss_bytes": own_peak_rss(),

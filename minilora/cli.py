@@ -240,6 +240,8 @@ def cmd_bench(args):
               f"step / torch = {r['step_over_torch']:.2f}")
     print(f"  evaluation batch:     {r['eval_batch_seconds']:.3f} s; whole appendix E run (5 epochs, book "
           f"padding) projected at {r['appendix_e_projected_seconds'] / 60:.1f} min")
+    print(f"  dispatch step:        {r['dispatch_step_seconds']:.3f} s   (the same step at width "
+          f"{r['dispatch_width']}, {r['dispatch_heads']} heads: its fixed cost)")
     print(f"  step peak allocation: {r['step_peak_bytes'] / 2**20:.0f} MiB beyond the parameters")
     if "peak_rss_bytes" in r:
         torch_rss = f"   (PyTorch {r['torch_peak_rss_bytes'] / 2**30:.2f} GiB)" if "torch_peak_rss_bytes" in r else ""
