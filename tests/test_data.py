@@ -166,6 +166,80 @@ def test_bad_options():
         BatchLoader(split, pad_to="longest")
     with pytest.raises(ValueError, match="batch_size"):
         BatchLoader(split, batch_size=0)
+    with pytest.raises(ValueError, match="batching must be one of"):
+        BatchLoader(split, batching="sorted")
+
+
+# ----------------------------------------------------------------------------- batches grouped by length
+
+
+def by_length_loader(sms_data, seed=123, **kwargs):
+    return BatchLoader(sms_data.train, 8, shuffle=True, drop_last=True, seed=seed, pad_to="longest_in_batch",
+                       batching="by_length", **kwargs)
+
+
+def test_by_length_keeps_the_books_batch_count_and_every_example_once(sms_data):
+    train, _, _ = make_loaders(sms_data, 8, pad_to="longest_in_batch", batching="by_length")
+    book, _, _ = make_loaders(sms_data, 8)
+    assert train.batching == "by_length" and len(train) == len(book) == 130
+    split = sms_data.train
+    for epoch in (0, 1):
+        order = train.order(epoch)
+        assert sorted(order.tolist()) == list(range(1045))
+        # drop_last leaves out the same 5 random examples as the book's shuffled batches
+        assert set(order[1040:].tolist()) == set(book.order(epoch)[1040:].tolist())
+        seen = []
+        for b, (idx, labels, last_index) in enumerate(train.epoch_batches(epoch)):
+            rows = order[b * 8:(b + 1) * 8]
+            assert idx.shape == (8, split.lengths[rows].max())  # padded to its own longest text
+            assert labels.tolist() == split.labels[rows].tolist()
+            assert all(idx[r, :last_index[r] + 1].tolist() == split.token_ids[i] for r, i in enumerate(rows))
+            seen += rows.tolist()
+        assert len(seen) == len(set(seen)) == 1040
+
+
+def test_by_length_batches_carry_little_padding(sms_data):
+    lengths = sms_data.train.lengths
+    shuffled = BatchLoader(sms_data.train, 8, shuffle=True, drop_last=True, pad_to="longest_in_batch")
+    grouped = by_length_loader(sms_data)
+
+    def mean_padding(loader, epoch):  # pad tokens per text, averaged over the epoch's batches
+        order = loader.order(epoch)[:len(loader) * 8].reshape(-1, 8)
+        return float(np.mean(loader.batch_lengths(epoch)[:, None] - lengths[order]))
+
+    for epoch in range(3):
+        assert grouped.batch_lengths(epoch).mean() < 33 < 50 < shuffled.batch_lengths(epoch).mean()
+        assert mean_padding(grouped, epoch) < 0.1 * mean_padding(shuffled, epoch)
+    # the figures the README quotes: texts 30.4 tokens; batches 55.0 (shuffled), 31.7 (by length)
+    assert round(float(lengths.mean()), 1) == 30.4
+    assert round(float(np.mean([shuffled.batch_lengths(e).mean() for e in range(5)])), 1) == 55.0
+    assert round(float(np.mean([grouped.batch_lengths(e).mean() for e in range(5)])), 1) == 31.7
+
+
+def test_by_length_order_is_reproducible_and_changes_per_epoch(sms_data):
+    a, b = by_length_loader(sms_data), by_length_loader(sms_data)
+    assert np.array_equal(a.order(0), b.order(0)) and np.array_equal(a.order(4), b.order(4))
+    assert not np.array_equal(a.order(0), a.order(1))
+    assert not np.array_equal(a.order(0), by_length_loader(sms_data, seed=7).order(0))
+    # the batch order, not only the texts within batches, is shuffled: lengths rise and fall
+    longest = a.batch_lengths(0)
+    assert not np.all(np.diff(longest) >= 0) and not np.all(np.diff(longest) <= 0)
+    assert not np.array_equal(longest, a.batch_lengths(1))
+    # iterating advances the epoch; set_epoch replays one; epoch_batches resumes mid-epoch
+    first = [idx for idx, _, _ in a]
+    assert a.epoch == 1 and np.array_equal(next(iter(a))[0], next(a.epoch_batches(1))[0])
+    a.set_epoch(0)
+    assert all(np.array_equal(x, y) for x, y in zip(first, (idx for idx, _, _ in a)))
+    tail = list(a.epoch_batches(0, start=100))
+    assert len(tail) == 30 and all(np.array_equal(x, y[0]) for x, y in zip(first[100:], tail))
+
+
+def test_by_length_without_shuffle_sorts_by_length(sms_data):
+    loader = BatchLoader(sms_data.val, 8, batching="by_length", pad_to="longest_in_batch")
+    order = loader.order(0)
+    assert sorted(order.tolist()) == list(range(149))
+    assert np.all(np.diff(sms_data.val.lengths[order]) >= 0)
+    assert np.array_equal(order, loader.order(3))
 
 
 # ----------------------------------------------------------------------------- your own files
