@@ -76,12 +76,13 @@ def cmd_finetune(args):
 
 def _read_adapter_settings(args):
     """(adapter config, settings): how the adapter was trained to be used (pool, pad,
-    max_length; its own record, else the book's), each overridden by its option."""
+    batching, max_length; its own record, else the book's), each overridden by its option."""
     from .adapters import read_adapter
 
     config, _ = read_adapter(args.adapter)
     settings = {"pool": args.pool or config.get("pool") or "last",
                 "pad": getattr(args, "pad", None) or config.get("pad") or "dataset",
+                "batching": getattr(args, "batching", None) or config.get("batching") or "shuffled",
                 "max_length": args.max_length or config.get("max_length")}
     return config, settings
 
@@ -138,8 +139,9 @@ def cmd_evaluate(args):
     results = {}
     for name in args.split:
         split = getattr(data, name)
-        # every example, in order: no shuffling and no drop_last, unlike training
-        loader = BatchLoader(split, args.batch_size, pad_to=settings["pad"])
+        # every example: no shuffling and no drop_last, unlike training; in order, or grouped
+        # by length as the training run's evaluation was (data.make_loaders says why)
+        loader = BatchLoader(split, args.batch_size, pad_to=settings["pad"], batching=settings["batching"])
         loss, acc = evaluate(model, loader.epoch_batches(0), pool=settings["pool"])
         results[name] = {"loss": loss, "accuracy": acc, "examples": len(split)}
         if not args.json:
@@ -295,6 +297,9 @@ def build_parser():
             p.add_argument("--batch-size", type=_int_at_least(1), default=8)
             p.add_argument("--pad", default=None, choices=["dataset", "longest_in_batch"],
                            help="padding (default: as the adapter was trained)")
+            p.add_argument("--batching", default=None, choices=["shuffled", "by_length"],
+                           help="in order (shuffled training) or grouped by length (default: as the adapter "
+                                "was trained)")
             p.add_argument("--json", action="store_true")
             p.set_defaults(func=cmd_evaluate)
         else:

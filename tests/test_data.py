@@ -234,12 +234,32 @@ def test_by_length_order_is_reproducible_and_changes_per_epoch(sms_data):
     assert len(tail) == 30 and all(np.array_equal(x, y[0]) for x, y in zip(first[100:], tail))
 
 
-def test_by_length_without_shuffle_sorts_by_length(sms_data):
-    loader = BatchLoader(sms_data.val, 8, batching="by_length", pad_to="longest_in_batch")
-    order = loader.order(0)
-    assert sorted(order.tolist()) == list(range(149))
-    assert np.all(np.diff(sms_data.val.lengths[order]) >= 0)
-    assert np.array_equal(order, loader.order(3))
+def test_by_length_evaluation_batches(sms_data):
+    _, val, test = make_loaders(sms_data, 8, pad_to="longest_in_batch", batching="by_length")
+    assert (len(val), len(test)) == (19, 38)
+    for loader in (val, test):
+        split, order = loader.split, loader.order(0)
+        assert sorted(order.tolist()) == list(range(len(split)))  # every example, none dropped
+        # the same batches whatever the seed or the epoch: `minilora evaluate` rebuilds them
+        assert np.array_equal(order, loader.order(3))
+        assert np.array_equal(order, BatchLoader(split, 8, batching="by_length", seed=7).order(0))
+        batches = [order[b * 8:(b + 1) * 8] for b in range(len(loader))]
+        by_length = np.sort(split.lengths)
+        spans = sorted((split.lengths[b].min(), split.lengths[b].max()) for b in batches)
+        # each batch is a run of the texts sorted by length, the incomplete one the longest texts
+        assert all(lo == by_length[8 * i] and hi == by_length[min(8 * i + 7, len(split) - 1)]
+                   for i, (lo, hi) in enumerate(spans))
+        assert split.lengths[batches[-1]].min() == by_length[(len(split) - 1) // 8 * 8]
+        # the full batches are not in length order: the loop's first eval_iter batches are a sample
+        firsts = [split.lengths[b].max() for b in batches[:-1]]
+        assert not np.all(np.diff(firsts) >= 0)
+    # why evaluation groups by length too: in the book's order, padded per batch, a text is
+    # followed by ~25 pads (pool "last" reads the last of them); grouped by length by ~1, as in training
+    def pads_per_text(loader):
+        return float(np.mean(np.concatenate([idx.shape[1] - 1 - last for idx, _, last in loader.epoch_batches(0)])))
+
+    in_order = BatchLoader(sms_data.val, 8, pad_to="longest_in_batch")
+    assert pads_per_text(in_order) > 20 and pads_per_text(val) < 3
 
 
 # ----------------------------------------------------------------------------- your own files

@@ -78,7 +78,9 @@ def test_finetune_with_batches_grouped_by_length(minilora_home, served_model, tm
     assert "training batches by_length, padded per batch: 31.7 tokens on average (texts: 30.4)" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 130 and metrics["options"]["pad"] == "longest_in_batch"
-    # evaluation batches are the book's (in order), padded per batch as in training
+    # `evaluate` groups the texts by length, as the adapter records and the run's evaluation did
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["batching"], config["pad"]) == ("by_length", "longest_in_batch")
     assert cli.main(["evaluate", "--adapter", str(out / "adapter"), "--split", "test", "--json", "--offline"]) == 0
     assert json.loads(capsys.readouterr().out)["test"]["accuracy"] == pytest.approx(metrics["test_accuracy"])
 
