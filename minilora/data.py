@@ -17,7 +17,8 @@ PyTorch:
 6. batches of 8; the training batches are shuffled and the last incomplete one is
    dropped -> 130 / 19 / 38 batches.
 
-Beyond the book, training batches can be grouped by length (``batching="by_length"``,
+Beyond the book, batches can be grouped by length (``batching="by_length"``: training
+batches from a "sortish" order shuffled every epoch, evaluation batches in a fixed order;
 see `BatchLoader.order`) so that, padded per batch, they carry little padding.
 
 A batch is three NumPy int64 arrays: token ids (B, T), labels (B,) and the

@@ -216,6 +216,22 @@ def test_by_length_batches_carry_little_padding(sms_data):
     assert round(float(np.mean([grouped.batch_lengths(e).mean() for e in range(5)])), 1) == 31.7
 
 
+def test_by_length_sorts_within_chunks_for_variety(sms_data, monkeypatch):
+    import minilora.data as data_mod
+
+    def figures(loader, epochs=5):  # mean padded length; share of co-batched pairs met again next epoch
+        pairs = [{(i, j) for b in loader.order(e)[:1040].reshape(-1, 8) for i in b for j in b if i < j}
+                 for e in range(epochs)]
+        again = np.mean([len(pairs[e] & pairs[e + 1]) / len(pairs[e + 1]) for e in range(epochs - 1)])
+        return np.mean([loader.batch_lengths(e).mean() for e in range(epochs)]), again
+
+    padded, again = figures(by_length_loader(sms_data))
+    monkeypatch.setattr(data_mod, "BY_LENGTH_CHUNK_BATCHES", 1000)  # one chunk: everything sorted at once
+    padded_all, again_all = figures(by_length_loader(sms_data))
+    assert (round(padded, 1), round(padded_all, 1)) == (31.7, 30.9)  # the order's docstring quotes these
+    assert round(again, 2) == 0.15 and round(again_all, 2) == 0.29
+
+
 def test_by_length_order_is_reproducible_and_changes_per_epoch(sms_data):
     a, b = by_length_loader(sms_data), by_length_loader(sms_data)
     assert np.array_equal(a.order(0), b.order(0)) and np.array_equal(a.order(4), b.order(4))
