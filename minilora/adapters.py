@@ -43,7 +43,7 @@ def save_adapter(model, folder, base_model=None, class_names=None, max_length=No
     class_names (the label of each class), max_length (the padded training length),
     pool ("last" or "last_real": where the logits were read), pad ("dataset" or
     "longest_in_batch") and batching ("shuffled" or "by_length": which texts shared a
-    training batch). Pool and pad change the logits the head was trained on; with
+    batch, in training and in the run's evaluation). Pool and pad change the logits the head was trained on; with
     pool "last" and per-batch padding, so does batching (how many pads followed a text).
     """
     if model.lora is None:

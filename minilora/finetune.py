@@ -62,7 +62,8 @@ class FinetuneOptions:
     eval_iter: int = 5
     pad: str = None  # "dataset" (the book) or "longest_in_batch" (None: the batching's: by_length
     #                  pads per batch, shuffled to the longest training text as the book)
-    batching: str = "shuffled"  # training batches: "shuffled" (the book) or "by_length"
+    batching: str = "shuffled"  # "shuffled" (the book) or "by_length": texts of similar length batched
+    #                             together, in training (a new order every epoch) and evaluation
     pool: str = "last"  # "last" (the book) or "last_real"
     max_length: int = None  # pad/truncate texts to this many tokens (None: the longest training
     #                         text, at most the model's context length; longer texts are truncated)
