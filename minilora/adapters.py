@@ -7,7 +7,8 @@ An adapter folder holds two files:
                             is useless without the exact head it was trained with)
     adapter_config.json     rank, alpha, scaling, dropout, targets, base model name and
                             config, number of classes and their names, and how the
-                            texts were fed in training (max length, padding, pooling)
+                            texts were fed in training (max length, padding, batching,
+                            pooling)
 
 Both are written to temporary files and renamed into place, so an interrupted save
 never leaves a half-written adapter. Loading checks everything against the model
@@ -33,14 +34,17 @@ class AdapterError(ValueError):
     """An adapter that is malformed or does not fit the model it is loaded into."""
 
 
-def save_adapter(model, folder, base_model=None, class_names=None, max_length=None, pool=None, pad=None):
+def save_adapter(model, folder, base_model=None, class_names=None, max_length=None, pool=None, pad=None,
+                 batching=None):
     """Write the model's LoRA adapter (and replaced head) to `folder`. Returns the folder.
 
     Recorded in the config for whoever loads it, so that the adapter alone says how to
     use it: base_model (the base weights: a preset, a URL or an absolute path),
     class_names (the label of each class), max_length (the padded training length),
-    pool ("last" or "last_real": where the logits were read) and pad ("dataset" or
-    "longest_in_batch"). The last two change the logits the head was trained on.
+    pool ("last" or "last_real": where the logits were read), pad ("dataset" or
+    "longest_in_batch") and batching ("shuffled" or "by_length": which texts shared a
+    batch, in training and in the run's evaluation). Pool and pad change the logits the head was trained on; with
+    pool "last" and per-batch padding, so does batching (how many pads followed a text).
     """
     if model.lora is None:
         raise AdapterError("the model has no LoRA adapters to save")
@@ -53,7 +57,7 @@ def save_adapter(model, folder, base_model=None, class_names=None, max_length=No
               "model_config": model.cfg.to_dict(),
               "num_classes": model.n_out if "out_head.weight" in model.params else None,
               "class_names": None if class_names is None else list(class_names), "max_length": max_length,
-              "pool": pool, "pad": pad}
+              "pool": pool, "pad": pad, "batching": batching}
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "np"})
     write_text(folder / CONFIG_FILE, json.dumps(config, indent=2))

@@ -68,20 +68,21 @@ def cmd_finetune(args):
         model=args.model, data=args.data, recipe=args.recipe, rank=args.rank, alpha=args.alpha,
         scaling=args.scaling, targets=args.targets, lr=args.lr, epochs=args.epochs,
         batch_size=args.batch_size, eval_freq=args.eval_freq, eval_iter=args.eval_iter, pad=args.pad,
-        pool=args.pool, max_length=args.max_length, seed=args.seed, device=args.device, dtype=args.dtype,
-        output_dir=args.output_dir, offline=args.offline or None, resume=args.resume)
+        batching=args.batching, pool=args.pool, max_length=args.max_length, seed=args.seed, device=args.device,
+        dtype=args.dtype, output_dir=args.output_dir, offline=args.offline or None, resume=args.resume)
     run_finetune(opts, log=lambda msg: print(msg, flush=True))
     return 0
 
 
 def _read_adapter_settings(args):
     """(adapter config, settings): how the adapter was trained to be used (pool, pad,
-    max_length; its own record, else the book's), each overridden by its option."""
+    batching, max_length; its own record, else the book's), each overridden by its option."""
     from .adapters import read_adapter
 
     config, _ = read_adapter(args.adapter)
     settings = {"pool": args.pool or config.get("pool") or "last",
                 "pad": getattr(args, "pad", None) or config.get("pad") or "dataset",
+                "batching": getattr(args, "batching", None) or config.get("batching") or "shuffled",
                 "max_length": args.max_length or config.get("max_length")}
     return config, settings
 
@@ -138,8 +139,9 @@ def cmd_evaluate(args):
     results = {}
     for name in args.split:
         split = getattr(data, name)
-        # every example, in order: no shuffling and no drop_last, unlike training
-        loader = BatchLoader(split, args.batch_size, pad_to=settings["pad"])
+        # every example: no shuffling and no drop_last, unlike training; in order, or grouped
+        # by length as the training run's evaluation was (data.make_loaders says why)
+        loader = BatchLoader(split, args.batch_size, pad_to=settings["pad"], batching=settings["batching"])
         loss, acc = evaluate(model, loader.epoch_batches(0), pool=settings["pool"])
         results[name] = {"loss": loss, "accuracy": acc, "examples": len(split)}
         if not args.json:
@@ -291,8 +293,13 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-freq", type=int, default=50, help="evaluate losses every N steps")
     p.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
-    p.add_argument("--pad", default="dataset", choices=["dataset", "longest_in_batch"],
-                   help="pad to the longest training text (the book) or per batch")
+    p.add_argument("--pad", default=None, choices=["dataset", "longest_in_batch"],
+                   help="pad to the longest training text (the book; the default) or per batch "
+                        "(the default with --batching by_length)")
+    p.add_argument("--batching", default="shuffled", choices=["shuffled", "by_length"],
+                   help="shuffled (the book) or by_length: texts of similar length batched together and "
+                        "padded per batch (about 1.7x fewer tokens than --pad longest_in_batch on SMS), "
+                        "the training batches in a new order every epoch, evaluation batches grouped too")
     p.add_argument("--pool", default="last", choices=["last", "last_real"],
                    help="classify from the last position (the book) or the last real token")
     p.add_argument("--max-length", type=int, default=None,
@@ -318,6 +325,9 @@ def build_parser():
             p.add_argument("--batch-size", type=_int_at_least(1), default=8)
             p.add_argument("--pad", default=None, choices=["dataset", "longest_in_batch"],
                            help="padding (default: as the adapter was trained)")
+            p.add_argument("--batching", default=None, choices=["shuffled", "by_length"],
+                           help="in order (shuffled training) or grouped by length (default: as the adapter "
+                                "was trained)")
             p.add_argument("--json", action="store_true")
             p.set_defaults(func=cmd_evaluate)
         else:

@@ -7,7 +7,7 @@ Run folder layout (``output_dir``):
                       may ask for more epochs)
     checkpoint/       the latest checkpoint (adapter + optimizer + loop state)
     adapter/          the trained adapter, loadable with minilora.load_adapter; it records
-                      its base model, class names, max length, padding and pooling
+                      its base model, class names, max length, padding, batching and pooling
     history.csv       one row per step: loss, lr, and the evaluations where made
     metrics.json      dataset sizes, parameter counts, final accuracies, seconds (strict
                       JSON: never NaN)
@@ -28,7 +28,7 @@ import numpy as np
 
 from .adapters import save_adapter
 from .backend import resolve_device
-from .data import PAD_MODES
+from .data import BATCHINGS, PAD_MODES
 from .files import write_text
 from .lora import SCALINGS, apply_lora
 from .model import GPTModel
@@ -60,7 +60,10 @@ class FinetuneOptions:
     batch_size: int = 8
     eval_freq: int = 50
     eval_iter: int = 5
-    pad: str = "dataset"  # "dataset" (the book) or "longest_in_batch"
+    pad: str = None  # "dataset" (the book) or "longest_in_batch" (None: the batching's: by_length
+    #                  pads per batch, shuffled to the longest training text as the book)
+    batching: str = "shuffled"  # "shuffled" (the book) or "by_length": texts of similar length batched
+    #                             together, in training (a new order every epoch) and evaluation
     pool: str = "last"  # "last" (the book) or "last_real"
     max_length: int = None  # pad/truncate texts to this many tokens (None: the longest training
     #                         text, at most the model's context length; longer texts are truncated)
@@ -75,10 +78,17 @@ class FinetuneOptions:
         """Check every option before any work is done (the one place for the finetune
         job): a run that cannot succeed, or would learn nothing, is refused here, with
         the option's name and value, rather than after the data and the model loaded."""
-        for name, choices in (("recipe", RECIPES), ("pad", PAD_MODES), ("pool", POOLS),
-                              ("dtype", ("float32", "float64"))):
+        for name, choices in (("recipe", RECIPES), ("pad", PAD_MODES + (None,)), ("pool", POOLS),
+                              ("batching", BATCHINGS), ("dtype", ("float32", "float64"))):
             if getattr(self, name) not in choices:
-                raise ValueError(f"{_option(name)} must be one of {sorted(choices)}, got {getattr(self, name)!r}")
+                shown = sorted(c for c in choices if c is not None)
+                raise ValueError(f"{_option(name)} must be one of {shown}, got {getattr(self, name)!r}")
+        # grouping by length saves work only when each batch is padded to its own longest text
+        if self.batching == "by_length" and self.pad == "dataset":
+            raise ValueError("--batching by_length pads each batch to its own longest text: it cannot be "
+                             "combined with --pad dataset (every batch padded to the longest training "
+                             "text); leave --pad out or use --pad longest_in_batch")
+        self.pad = self.pad or ("longest_in_batch" if self.batching == "by_length" else "dataset")
         self.scaling = self.scaling or RECIPES[self.recipe]["scaling"]
         if self.scaling not in SCALINGS:
             raise ValueError(f"--scaling must be one of {list(SCALINGS)}, got {self.scaling!r}")
@@ -109,7 +119,10 @@ class FinetuneOptions:
     # what must match for --resume to continue the same run (epochs may grow: more epochs
     # extend a finished run)
     RESUME_KEYS = ("model", "data", "rank", "alpha", "scaling", "targets", "lr", "weight_decay",
-                   "batch_size", "eval_freq", "eval_iter", "pad", "pool", "max_length", "seed", "dtype")
+                   "batch_size", "eval_freq", "eval_iter", "pad", "batching", "pool", "max_length", "seed",
+                   "dtype")
+    # what a run folder written before an option existed ran with
+    RESUME_DEFAULTS = {"batching": "shuffled"}
 
 
 def _option(field_name):
@@ -130,7 +143,7 @@ def load_data(opts, context_length, log):
         data = load_text_label_file(opts.data, **kwargs)
     else:
         data = load_sms_spam(**kwargs)
-    loaders = make_loaders(data, opts.batch_size, seed=opts.seed, pad_to=opts.pad)
+    loaders = make_loaders(data, opts.batch_size, seed=opts.seed, pad_to=opts.pad, batching=opts.batching)
     if len(loaders[0]) == 0:  # training drops the last incomplete batch, as the book does
         raise ValueError(f"--batch-size {opts.batch_size} is larger than the {len(data.train)} training "
                          f"examples of {data.source}: not one full training batch; use a --batch-size "
@@ -139,6 +152,9 @@ def load_data(opts, context_length, log):
     log(f"  classes {list(data.class_names)}; examples train {len(data.train):,} / val {len(data.val):,} / "
         f"test {len(data.test):,}; max length {data.max_length}; batches "
         f"{len(loaders[0])} / {len(loaders[1])} / {len(loaders[2])} of {opts.batch_size}")
+    if opts.pad == "longest_in_batch":
+        log(f"  training batches {opts.batching}, padded per batch: {loaders[0].batch_lengths(0).mean():.1f} "
+            f"tokens on average (texts: {data.train.lengths.mean():.1f})")
     if data.truncated["train"]:
         why = "--max-length" if opts.max_length else "the model's context length; --max-length sets it"
         log(f"  truncated {data.truncated['train']:,} training text(s) to {data.max_length} tokens ({why})")
@@ -202,7 +218,7 @@ def run_finetune(opts, log=print, progress=None):
         "options": asdict(opts), "device": model.device, "resumed": resume,
     }
     save_adapter(model, out / "adapter", base_model=model_reference(opts.model), class_names=data.class_names,
-                 max_length=data.max_length, pool=opts.pool, pad=opts.pad)
+                 max_length=data.max_length, pool=opts.pool, pad=opts.pad, batching=opts.batching)
     write_text(out / "history.csv", history_csv(state))
     plot_run(state, len(train_loader) * opts.batch_size, out)
     write_text(out / "metrics.json", strict_json(metrics))
@@ -251,6 +267,7 @@ def _prepare_run_folder(out, opts, log):
             saved = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path} is not valid JSON ({e}); it is not a run folder minilora wrote") from e
+        saved = {**FinetuneOptions.RESUME_DEFAULTS, **saved}
         diff = [f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in wanted if saved.get(k) != wanted[k]]
         if diff:
             raise ValueError(f"{out} holds a run with other options; resume with the same ones "

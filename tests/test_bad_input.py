@@ -111,6 +111,23 @@ def test_finetune_options_in_the_python_api():
         FinetuneOptions(weight_decay=float("nan"))
     with pytest.raises(ValueError, match="--pool must be one of"):
         FinetuneOptions(pool="first")
+    with pytest.raises(ValueError, match="--batching must be one of"):
+        FinetuneOptions(batching="sorted")
+    with pytest.raises(ValueError, match="--batching by_length pads each batch to its own longest text"):
+        FinetuneOptions(batching="by_length", pad="dataset")
+    # by_length implies per-batch padding; the book's batching keeps the book's padding
+    assert FinetuneOptions(batching="by_length").pad == "longest_in_batch"
+    assert FinetuneOptions(batching="by_length", pad="longest_in_batch").pad == "longest_in_batch"
+    assert (FinetuneOptions().pad, FinetuneOptions().batching) == ("dataset", "shuffled")
+
+
+def test_by_length_with_book_padding_is_refused_before_any_work(tmp_path, capsys):
+    rc = cli.main(["finetune", "--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "run"),
+                   "--batching", "by_length", "--pad", "dataset"])
+    assert rc == 1
+    assert "--batching by_length pads each batch to its own longest text: it cannot be combined with " \
+           "--pad dataset" in error_line(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -314,6 +331,33 @@ def test_resume_extends_a_finished_run(offline, tiny_model, tmp_path, capsys):
     assert a["test_accuracy"] == b["test_accuracy"] and a["final_train_loss"] == b["final_train_loss"]
     assert finetune(tiny_model, data, tmp_path / "run", "--epochs", 2, "--resume") == 1
     assert "has already trained 3 epoch(s); resume with --epochs 3 or more" in error_line(capsys)
+
+
+def test_by_length_run_resumes_and_is_recorded(offline, tiny_model, tmp_path, capsys):
+    data = write_csv(tmp_path / "d.csv", rows=60)  # 42 training examples: 10 batches of 4
+    assert finetune(tiny_model, data, tmp_path / "straight", "--epochs", 3, "--batching", "by_length") == 0
+    assert "training batches by_length, padded per batch" in capsys.readouterr().out
+    assert finetune(tiny_model, data, tmp_path / "run", "--epochs", 2, "--batching", "by_length") == 0
+    # resuming needs the same batching; a run folder from before the option ran shuffled
+    assert finetune(tiny_model, data, tmp_path / "run", "--epochs", 3, "--resume") == 1
+    assert "batching: 'by_length' -> 'shuffled'" in capsys.readouterr().err
+    assert finetune(tiny_model, data, tmp_path / "run", "--epochs", 3, "--resume", "--batching", "by_length") == 0
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "run"))
+    assert a["steps"] == b["steps"] == 30 and a["train_batches"] == 10
+    assert a["test_accuracy"] == b["test_accuracy"] and a["final_train_loss"] == b["final_train_loss"]
+    assert (a["options"]["batching"], a["options"]["pad"]) == ("by_length", "longest_in_batch")
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert (config["batching"], config["pad"]) == ("by_length", "longest_in_batch")
+
+
+def test_run_folder_from_before_batching_resumes(offline, tiny_model, tmp_path, capsys):
+    data = write_csv(tmp_path / "d.csv")
+    assert finetune(tiny_model, data, tmp_path / "run") == 0
+    cfg_path = tmp_path / "run" / "run_config.json"
+    saved = json.loads(cfg_path.read_text())
+    assert saved.pop("batching") == "shuffled"
+    cfg_path.write_text(json.dumps(saved))  # as an older minilora wrote it
+    assert finetune(tiny_model, data, tmp_path / "run", "--epochs", 2, "--resume") == 0
 
 
 # ----------------------------------------------------------------------------- adapters

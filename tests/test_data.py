@@ -166,6 +166,116 @@ def test_bad_options():
         BatchLoader(split, pad_to="longest")
     with pytest.raises(ValueError, match="batch_size"):
         BatchLoader(split, batch_size=0)
+    with pytest.raises(ValueError, match="batching must be one of"):
+        BatchLoader(split, batching="sorted")
+
+
+# ----------------------------------------------------------------------------- batches grouped by length
+
+
+def by_length_loader(sms_data, seed=123, **kwargs):
+    return BatchLoader(sms_data.train, 8, shuffle=True, drop_last=True, seed=seed, pad_to="longest_in_batch",
+                       batching="by_length", **kwargs)
+
+
+def test_by_length_keeps_the_books_batch_count_and_every_example_once(sms_data):
+    train, _, _ = make_loaders(sms_data, 8, pad_to="longest_in_batch", batching="by_length")
+    book, _, _ = make_loaders(sms_data, 8)
+    assert train.batching == "by_length" and len(train) == len(book) == 130
+    split = sms_data.train
+    for epoch in (0, 1):
+        order = train.order(epoch)
+        assert sorted(order.tolist()) == list(range(1045))
+        # drop_last leaves out the same 5 random examples as the book's shuffled batches
+        assert set(order[1040:].tolist()) == set(book.order(epoch)[1040:].tolist())
+        seen = []
+        for b, (idx, labels, last_index) in enumerate(train.epoch_batches(epoch)):
+            rows = order[b * 8:(b + 1) * 8]
+            assert idx.shape == (8, split.lengths[rows].max())  # padded to its own longest text
+            assert labels.tolist() == split.labels[rows].tolist()
+            assert all(idx[r, :last_index[r] + 1].tolist() == split.token_ids[i] for r, i in enumerate(rows))
+            seen += rows.tolist()
+        assert len(seen) == len(set(seen)) == 1040
+
+
+def test_by_length_batches_carry_little_padding(sms_data):
+    lengths = sms_data.train.lengths
+    shuffled = BatchLoader(sms_data.train, 8, shuffle=True, drop_last=True, pad_to="longest_in_batch")
+    grouped = by_length_loader(sms_data)
+
+    def mean_padding(loader, epoch):  # pad tokens per text, averaged over the epoch's batches
+        order = loader.order(epoch)[:len(loader) * 8].reshape(-1, 8)
+        return float(np.mean(loader.batch_lengths(epoch)[:, None] - lengths[order]))
+
+    for epoch in range(3):
+        assert grouped.batch_lengths(epoch).mean() < 33 < 50 < shuffled.batch_lengths(epoch).mean()
+        assert mean_padding(grouped, epoch) < 0.1 * mean_padding(shuffled, epoch)
+    # the figures the README quotes: texts 30.4 tokens; batches 55.0 (shuffled), 31.7 (by length)
+    assert round(float(lengths.mean()), 1) == 30.4
+    assert round(float(np.mean([shuffled.batch_lengths(e).mean() for e in range(5)])), 1) == 55.0
+    assert round(float(np.mean([grouped.batch_lengths(e).mean() for e in range(5)])), 1) == 31.7
+
+
+def test_by_length_sorts_within_chunks_for_variety(sms_data, monkeypatch):
+    import minilora.data as data_mod
+
+    def figures(loader, epochs=5):  # mean padded length; share of co-batched pairs met again next epoch
+        pairs = [{(i, j) for b in loader.order(e)[:1040].reshape(-1, 8) for i in b for j in b if i < j}
+                 for e in range(epochs)]
+        again = np.mean([len(pairs[e] & pairs[e + 1]) / len(pairs[e + 1]) for e in range(epochs - 1)])
+        return np.mean([loader.batch_lengths(e).mean() for e in range(epochs)]), again
+
+    padded, again = figures(by_length_loader(sms_data))
+    monkeypatch.setattr(data_mod, "BY_LENGTH_CHUNK_BATCHES", 1000)  # one chunk: everything sorted at once
+    padded_all, again_all = figures(by_length_loader(sms_data))
+    assert (round(padded, 1), round(padded_all, 1)) == (31.7, 30.9)  # the order's docstring quotes these
+    assert round(again, 2) == 0.15 and round(again_all, 2) == 0.29
+
+
+def test_by_length_order_is_reproducible_and_changes_per_epoch(sms_data):
+    a, b = by_length_loader(sms_data), by_length_loader(sms_data)
+    assert np.array_equal(a.order(0), b.order(0)) and np.array_equal(a.order(4), b.order(4))
+    assert not np.array_equal(a.order(0), a.order(1))
+    assert not np.array_equal(a.order(0), by_length_loader(sms_data, seed=7).order(0))
+    # the batch order, not only the texts within batches, is shuffled: lengths rise and fall
+    longest = a.batch_lengths(0)
+    assert not np.all(np.diff(longest) >= 0) and not np.all(np.diff(longest) <= 0)
+    assert not np.array_equal(longest, a.batch_lengths(1))
+    # iterating advances the epoch; set_epoch replays one; epoch_batches resumes mid-epoch
+    first = [idx for idx, _, _ in a]
+    assert a.epoch == 1 and np.array_equal(next(iter(a))[0], next(a.epoch_batches(1))[0])
+    a.set_epoch(0)
+    assert all(np.array_equal(x, y) for x, y in zip(first, (idx for idx, _, _ in a)))
+    tail = list(a.epoch_batches(0, start=100))
+    assert len(tail) == 30 and all(np.array_equal(x, y[0]) for x, y in zip(first[100:], tail))
+
+
+def test_by_length_evaluation_batches(sms_data):
+    _, val, test = make_loaders(sms_data, 8, pad_to="longest_in_batch", batching="by_length")
+    assert (len(val), len(test)) == (19, 38)
+    for loader in (val, test):
+        split, order = loader.split, loader.order(0)
+        assert sorted(order.tolist()) == list(range(len(split)))  # every example, none dropped
+        # the same batches whatever the seed or the epoch: `minilora evaluate` rebuilds them
+        assert np.array_equal(order, loader.order(3))
+        assert np.array_equal(order, BatchLoader(split, 8, batching="by_length", seed=7).order(0))
+        batches = [order[b * 8:(b + 1) * 8] for b in range(len(loader))]
+        by_length = np.sort(split.lengths)
+        spans = sorted((split.lengths[b].min(), split.lengths[b].max()) for b in batches)
+        # each batch is a run of the texts sorted by length, the incomplete one the longest texts
+        assert all(lo == by_length[8 * i] and hi == by_length[min(8 * i + 7, len(split) - 1)]
+                   for i, (lo, hi) in enumerate(spans))
+        assert split.lengths[batches[-1]].min() == by_length[(len(split) - 1) // 8 * 8]
+        # the full batches are not in length order: the loop's first eval_iter batches are a sample
+        firsts = [split.lengths[b].max() for b in batches[:-1]]
+        assert not np.all(np.diff(firsts) >= 0)
+    # why evaluation groups by length too: in the book's order, padded per batch, a text is
+    # followed by ~25 pads (pool "last" reads the last of them); grouped by length by ~1, as in training
+    def pads_per_text(loader):
+        return float(np.mean(np.concatenate([idx.shape[1] - 1 - last for idx, _, last in loader.epoch_batches(0)])))
+
+    in_order = BatchLoader(sms_data.val, 8, pad_to="longest_in_batch")
+    assert pads_per_text(in_order) > 20 and pads_per_text(val) < 3
 
 
 # ----------------------------------------------------------------------------- your own files

@@ -70,6 +70,21 @@ def test_finetune_end_to_end(minilora_home, served_model, tmp_path, capsys):
     assert label in ("ham", "spam") and 0.5 <= float(prob) <= 1.0
 
 
+def test_finetune_with_batches_grouped_by_length(minilora_home, served_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert finetune("--model", served_model, "--output-dir", out, "--batching", "by_length") == 0
+    printed = capsys.readouterr().out
+    assert "batches 130 / 19 / 38" in printed  # the book's count: the same examples dropped
+    assert "training batches by_length, padded per batch: 31.7 tokens on average (texts: 30.4)" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 130 and metrics["options"]["pad"] == "longest_in_batch"
+    # `evaluate` groups the texts by length, as the adapter records and the run's evaluation did
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["batching"], config["pad"]) == ("by_length", "longest_in_batch")
+    assert cli.main(["evaluate", "--adapter", str(out / "adapter"), "--split", "test", "--json", "--offline"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["accuracy"] == pytest.approx(metrics["test_accuracy"])
+
+
 def test_resume_after_interruption_gives_the_same_metrics(minilora_home, served_model, tmp_path, monkeypatch, capsys):
     assert finetune("--model", served_model, "--output-dir", tmp_path / "straight", "--epochs", 2) == 0
     real_step, calls = train_mod.train_step, []

@@ -23,13 +23,13 @@ def fresh(cfg, seed=0):
     return model, ml.AdamW(model, lr=5e-3, weight_decay=0.1)
 
 
-def small_loaders(sms_data, n_train=160):
+def small_loaders(sms_data, n_train=160, batching="shuffled"):
     """The real splits, the training split cut to n_train examples to keep tests quick."""
     from dataclasses import replace
 
     train = replace(sms_data.train, texts=sms_data.train.texts[:n_train], labels=sms_data.train.labels[:n_train],
                     token_ids=sms_data.train.token_ids[:n_train])
-    return make_loaders(replace(sms_data, train=train), 8, seed=123, pad_to="longest_in_batch")
+    return make_loaders(replace(sms_data, train=train), 8, seed=123, pad_to="longest_in_batch", batching=batching)
 
 
 def test_book_schedule_of_evaluations(sms_data, tiny_sms_cfg):
@@ -57,9 +57,10 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched(sms_data, tiny_s
     assert all(np.array_equal(model.params[n], p) for n, p in base.items())
 
 
-def test_interrupted_run_resumes_to_the_same_result(sms_data, tiny_sms_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batching", ["shuffled", "by_length"])
+def test_interrupted_run_resumes_to_the_same_result(sms_data, tiny_sms_cfg, tmp_path, monkeypatch, batching):
     cfg = TrainConfig(epochs=2, eval_freq=9, eval_iter=2)
-    train, val, _ = small_loaders(sms_data)
+    train, val, _ = small_loaders(sms_data, batching=batching)
     model_s, opt_s = fresh(tiny_sms_cfg)
     straight = train_classifier(model_s, opt_s, train, val, cfg, progress=False)
 
