@@ -12,6 +12,7 @@ backward with nothing but the math (tests/test_reference.py holds the two equal 
   - shards: on the CPU the batch runs as one shard per core, in threads (forward);
   - frozen means no work: no dW, no layernorm dw/db, no scatter-add for frozen
     parameters, and the backward stops under the lowest block that trains anything;
+    a frozen linear's cache lets its input go (only a dW would read it);
   - the last-block trim: with ``positions`` the last block after its attention, the
     final layernorm and the head run on the rows the loss reads, not on every row;
   - activations freed as the backward consumes them, residual gradients added in place.
@@ -71,6 +72,7 @@ class GPTModel:
         self.training = True
         self._dropout_rng = np.random.default_rng(seed + 1)
         self._cache = None
+        self._forward_trainable = frozenset()  # the trainable names of the last forward
         if init:
             self._init_params(seed)
             self.trainable = list(self.params)
@@ -195,6 +197,10 @@ class GPTModel:
         (rng: the LoRA dropout generator, None for no dropout)."""
         p = self.params
         y, cache = linear_forward(x, p[name + ".weight"], p.get(name + ".bias"))
+        if name + ".weight" not in self._forward_trainable:
+            # Frozen W: its backward needs only W (dx = dout W^T), so the cache lets x go
+            # (reference.forward keeps every activation). An adapter's cache still keeps x.
+            cache = (None, cache[1])
         adapters = self.lora.active(name) if self.lora is not None else ()
         lora_caches = []
         for ad in adapters:
@@ -248,6 +254,7 @@ class GPTModel:
         Dropout masks are drawn sequence by sequence, so they do not depend on the split.
         """
         self._cache = None  # drop the previous step's activations before making new ones
+        self._forward_trainable = frozenset(self.trainable)  # what this forward keeps caches for
         idx = self.check_idx(idx)
         pos = None if positions is None else self._check_positions(positions, idx.shape)
         shards = backend.batch_shards(idx.shape[0], self.device)
@@ -324,6 +331,8 @@ class GPTModel:
         if tuple(dlogits.shape) != self._logits_shape:  # else it fails deep inside a layer
             raise ValueError(f"dlogits has shape {tuple(dlogits.shape)}, the logits of the last "
                              f"forward have shape {self._logits_shape}")
+        if set(self.trainable) != self._forward_trainable:  # the forward kept what those needed
+            raise RuntimeError("model.trainable changed between forward and backward: run the forward again")
         shards, self._cache = self._cache, None  # backward consumes the activations
         self._trainable_set = set(self.trainable)
         parts = backend.run_parallel(lambda s, cache: self._backward_shard(dlogits[s], cache), shards)

@@ -122,8 +122,9 @@ def test_scaling_conventions(tiny_cfg, tiny_idx, scaling, expected):
     base = model.forward(tiny_idx).copy()
     B = np.random.default_rng(0).standard_normal((4, 3))
     model.params["out_head.lora_B"][...] = B
-    # the head linear cache (x, w) of each batch shard: its input x
-    x = np.concatenate([cache[-1][0][0] for _, cache in model._cache])
+    # the head's input x: the final layernorm's output, read off the reference model
+    _, acts = ml.reference.forward(model.params, tiny_idx, tiny_cfg.n_heads, model.lora.scale)
+    x = acts["ln_f"]
     np.testing.assert_allclose(model.forward(tiny_idx) - base, expected * (x @ model.params["out_head.lora_A"]) @ B,
                                rtol=1e-12, atol=1e-13)
     with pytest.raises(ValueError, match="scaling"):

@@ -167,3 +167,48 @@ def test_reference_cross_entropy_equals_the_layer():
     assert float(reference.cross_entropy_forward(logits, targets)) == pytest.approx(float(loss), rel=1e-14)
     np.testing.assert_allclose(reference.cross_entropy_backward(logits, targets),
                                cross_entropy_backward(1.0, cache)[0], rtol=1e-13, atol=1e-16)
+
+
+def test_lora_on_some_linears_with_the_base_frozen(tiny_cfg):
+    """The appendix E situation for a subset: only the adapters train. The gradients are
+    the reference's, and the frozen linears without an adapter keep no input for a dW
+    they never compute (less memory held between forward and backward)."""
+    import tracemalloc
+
+    model = random_model(tiny_cfg, "cpu", 2, "attention")  # adapters on Q and V only
+    idx = np.array([[1, 3, 3, 0, 10], [3, 7, 1, 1, 3]])
+    params = {n: to_numpy(v) for n, v in model.params.items()}
+    model.trainable = model.lora.param_names
+    logits = model.forward(idx)
+    G = np.random.default_rng(0).standard_normal(logits.shape)
+    grads = model.backward(G)
+    ref_logits, acts = reference.forward(params, idx, tiny_cfg.n_heads, model.lora.scale)
+    ref_grads, _ = reference.backward(G, params, acts, tiny_cfg.n_heads, model.lora.scale)
+    assert set(grads) == set(model.lora.param_names)
+    assert max(rel_error(grads[n], ref_grads[n]) for n in grads) < TOL
+
+    def held_after_forward(trainable):
+        model.trainable = trainable
+        model._cache = None
+        tracemalloc.start()
+        model.forward(idx)
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        model._cache = None
+        return held
+
+    # inputs let go per block: attn.c_proj's and mlp.c_fc's (B, T, C), mlp.c_proj's (B, T, 4C);
+    # and the frozen head's (B, T, C)
+    B, T, C = *idx.shape, tiny_cfg.emb_dim
+    let_go = (tiny_cfg.n_layers * 6 + 1) * B * T * C * 8
+    held_after_forward(list(model.params))  # warm: the first forward allocates for good
+    assert held_after_forward(list(model.params)) - held_after_forward(model.lora.param_names) >= let_go
+
+
+def test_changing_what_trains_between_forward_and_backward_is_an_error(tiny_cfg):
+    model = random_model(tiny_cfg, "cpu", 2, "attention")
+    model.trainable = model.lora.param_names
+    logits = model.forward(np.array([[1, 3, 3, 0, 10]]))
+    model.trainable = list(model.params)
+    with pytest.raises(RuntimeError, match="changed between forward and backward"):
+        model.backward(np.ones_like(logits))
