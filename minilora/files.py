@@ -14,10 +14,17 @@ line prints as is, with the option that chose the path.
 """
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+# What a write can fail with: the file system's OSError, and safetensors' own error type,
+# which it raises for I/O failures too ("I/O error: No space left on device (os error 28)").
+WRITE_FAILURES = (OSError, SafetensorError)
 
 
 class WriteError(RuntimeError):
@@ -25,7 +32,14 @@ class WriteError(RuntimeError):
 
     def __init__(self, path, exc):
         self.path, self.errno = Path(path), getattr(exc, "errno", None)
-        self.reason = exc.reason if isinstance(exc, WriteError) else getattr(exc, "strerror", None) or str(exc)
+        os_error = re.search(r"os error (\d+)", str(exc)) if isinstance(exc, SafetensorError) else None
+        if isinstance(exc, WriteError):
+            self.reason = exc.reason
+        elif os_error:  # safetensors' I/O error: the errno's own words, as an OSError says them
+            self.errno = int(os_error.group(1))
+            self.reason = os.strerror(self.errno)
+        else:
+            self.reason = getattr(exc, "strerror", None) or str(exc)
         super().__init__(f"cannot write {path}: {self.reason}")
 
 
@@ -56,7 +70,7 @@ def atomic_path(path):
         tmp = _temporary(path)
         yield tmp
         os.replace(tmp, path)
-    except OSError as exc:
+    except WRITE_FAILURES as exc:
         raise WriteError(path, exc) from exc
     finally:
         if tmp is not None:
@@ -90,7 +104,7 @@ def atomic_folder(folder):
             os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
-    except (OSError, WriteError) as exc:  # name the folder, not a file inside its temporary
+    except (*WRITE_FAILURES, WriteError) as exc:  # name the folder, not a file inside its temporary
         raise WriteError(folder, exc) from exc
     finally:
         if tmp is not None:

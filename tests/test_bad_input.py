@@ -3,7 +3,6 @@ front, with the option and the value, in one line and without a traceback; a ful
 SIGTERM leaves nothing half-written, and the run resumes. Tiny GPT-2 (real vocabulary,
 context 128) and small CSV files, so that each run takes about a second, offline."""
 
-import errno
 import json
 import os
 import shutil
@@ -212,13 +211,16 @@ def test_divergence_names_no_checkpoint_that_does_not_exist(offline, tiny_model,
 
 def _fill_disk_when(module, condition, monkeypatch):
     """Make `module.save_file` (safetensors) write half a file and then fail with ENOSPC
-    where condition(path) holds, as a full disk does partway through a write."""
+    where condition(path) holds, as a full disk does partway through a write (safetensors
+    reports it with its own error type, not an OSError)."""
+    from safetensors import SafetensorError
+
     real = module.save_file
 
     def save_file(tensors, path, *args, **kwargs):
         if condition(Path(path)):
             Path(path).write_bytes(b"\0" * 100)
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise SafetensorError("I/O error: No space left on device (os error 28)")  # what it raises
         return real(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(module, "save_file", save_file)
