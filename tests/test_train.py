@@ -92,6 +92,75 @@ def test_interrupted_run_resumes_to_the_same_result(sms_data, tiny_sms_cfg, tmp_
     assert not list(tmp_path.glob("ckpt.*"))  # no temporary or old checkpoint folders left
 
 
+def test_ctrl_c_during_an_evaluation_waits_for_the_step_and_resumes_exactly(sms_data, tiny_sms_cfg, tmp_path,
+                                                                             monkeypatch):
+    """A real SIGINT in the middle of the evaluation that follows step 9 (the optimizer has
+    stepped, the loop's counters not yet): the step completes, then the run stops with a
+    checkpoint after it, and the resumed run is bit for bit the uninterrupted one."""
+    import os
+    import signal
+
+    cfg = TrainConfig(epochs=2, eval_freq=9, eval_iter=2)
+    train, val, _ = small_loaders(sms_data)
+    model_s, opt_s = fresh(tiny_sms_cfg)
+    straight = train_classifier(model_s, opt_s, train, val, cfg, progress=False)
+
+    model, opt = fresh(tiny_sms_cfg)
+    real_evaluate, calls = train_mod.evaluate, []
+
+    def evaluate_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the first evaluation of step 9
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", evaluate_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(model, opt, train, val, cfg, checkpoint_dir=tmp_path / "ckpt", progress=False)
+    monkeypatch.setattr(train_mod, "evaluate", real_evaluate)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    saved = json.loads((tmp_path / "ckpt" / "state.json").read_text())["loop"]
+    assert saved["step"] == 10 and saved["batch"] == 10  # after step 9 and its evaluation
+
+    model2, opt2 = fresh(tiny_sms_cfg)
+    ml.remove_lora(model2)
+    state = load_checkpoint(tmp_path / "ckpt", model2, opt2)
+    resumed = train_classifier(model2, opt2, train, val, cfg, checkpoint_dir=tmp_path / "ckpt", state=state,
+                               progress=False)
+    assert [h["batch_loss"] for h in resumed.history] == [h["batch_loss"] for h in straight.history]
+    assert resumed.evals == straight.evals and resumed.epochs == straight.epochs
+    for n in model_s.lora.param_names:
+        np.testing.assert_array_equal(model2.params[n], model_s.params[n], err_msg=n)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(sms_data, tiny_sms_cfg, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    cfg = TrainConfig(epochs=2, eval_freq=9, eval_iter=2)
+    train, val, _ = small_loaders(sms_data)
+    model, opt = fresh(tiny_sms_cfg)
+    train_classifier(model, opt, train, val, TrainConfig(epochs=1, eval_freq=9, eval_iter=2),
+                     checkpoint_dir=tmp_path / "ckpt", progress=False)  # a checkpoint after epoch 1
+    before = (tmp_path / "ckpt" / "state.json").read_text()
+    real_step, calls = train_mod.train_step, []
+
+    def step_with_two_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", step_with_two_ctrl_c)
+    model, opt = fresh(tiny_sms_cfg)
+    ml.remove_lora(model)
+    state = load_checkpoint(tmp_path / "ckpt", model, opt)
+    with pytest.raises(train_mod.StoppedMidStep):
+        train_classifier(model, opt, train, val, cfg, checkpoint_dir=tmp_path / "ckpt", state=state, progress=False)
+    assert (tmp_path / "ckpt" / "state.json").read_text() == before
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(sms_data, tiny_sms_cfg, tmp_path, monkeypatch):
     model, opt = fresh(tiny_sms_cfg)
