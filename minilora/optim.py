@@ -98,7 +98,8 @@ class AdamW:
     max_grad_norm: clip the global gradient norm to this before each step (None = off).
     From the first step on, the trained entries of model.params are views of the
     optimizer's flat buffer (same names, shapes and dtype); an array put in their place
-    later (load_adapter does) is packed again at the next step.
+    later (replace_head, a new adapter, load_adapter) is packed at the next step and
+    starts from zero moments, unless load_state_dict has just loaded its moments.
     """
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
@@ -121,17 +122,22 @@ class AdamW:
         self.m, self.v = {}, {}  # first and second moments, per parameter name (views of _groups' buffers)
         self._groups = []  # (names, params, m, v): flat buffers of the tensors packed together
         self._views = {}  # name -> the view of a flat buffer the model's params hold
+        self._handed = {}  # name -> every view ever put in model.params (not only the current packing's)
+        self._loaded = set()  # names whose moments came from load_state_dict, for the next packing
 
     def _packed(self, names):
-        """Whether `names` are exactly the packed tensors, still the arrays the model holds
-        (apply_lora, load_adapter or a user may have put new arrays in model.params)."""
+        """Whether `names` are exactly the packed tensors, still the arrays the model holds.
+        Identity, not equality: apply_lora, replace_head, load_adapter or a user may have
+        put a new array under a name, and the buffer must then hold that one."""
         params = self.model.params
         return set(names) == set(self._views) and all(params[n] is self._views[n] for n in names)
 
     def _pack(self, names):
         """Copy the parameters `names` and their moments into flat buffers, one per dtype,
-        and put views of them in model.params and self.m / self.v. Tensors no longer
-        trained keep their current arrays, values and moments."""
+        and put views of them in model.params and self.m / self.v. A tensor keeps its
+        moments if its array is one this optimizer packed before, or if they were just
+        loaded (load_state_dict); a new array under a name (a new adapter, a new head)
+        starts from zero moments. Tensors no longer trained keep their arrays and moments."""
         params = self.model.params
         self._groups, self._views = [], {}
         for dtype in dict.fromkeys(params[n].dtype for n in names):
@@ -142,14 +148,16 @@ class AdamW:
             offset = 0
             for n in group:  # one tensor at a time: each old array is freed once copied
                 shape, end = params[n].shape, offset + params[n].size
+                keep_moments = n in self._loaded or params[n] is self._handed.get(n)
                 for flat, arrays in ((flat_p, params), (flat_m, self.m), (flat_v, self.v)):
                     view = flat[offset:end].reshape(shape)
-                    if n in arrays:
+                    if n in arrays and (arrays is params or keep_moments):
                         view[...] = arrays[n]
                     arrays[n] = view
-                self._views[n] = params[n]
+                self._views[n] = self._handed[n] = params[n]
                 offset = end
             self._groups.append((group, flat_p, flat_m, flat_v))
+        self._loaded = set()
 
     @property
     def lr(self):
@@ -176,8 +184,10 @@ class AdamW:
         lr = _check_lr(self.schedule(self.step_count + 1))
         if not self._packed(grads):
             self._pack(list(grads))
-        flat_grads = [get_array_module(p).concatenate([grads[n].reshape(-1) for n in names]).astype(p.dtype, copy=False)
-                      for names, p, _, _ in self._groups]
+        flat_grads = []  # the gradients side by side, in the order of the parameter buffers
+        for names, p, _, _ in self._groups:
+            g = get_array_module(p).concatenate([grads[n].reshape(-1) for n in names])
+            flat_grads.append(g.astype(p.dtype, copy=False))
         norm = None
         if self.max_grad_norm and flat_grads:  # torch.nn.utils.clip_grad_norm_ on the global norm, as clip_grad_norm
             xp = get_array_module(flat_grads[0])
@@ -212,9 +222,12 @@ class AdamW:
         missing = [n for n in state["m"] if n not in params]
         if missing:
             raise KeyError(f"optimizer state for parameters the model lacks: {missing[:5]}")
-        for n, a in state["m"].items():
-            if tuple(np.shape(a)) != tuple(params[n].shape):
-                raise ValueError(f"optimizer state for {n} has shape {np.shape(a)}, parameter has {params[n].shape}")
+        for n in state["m"]:
+            for moment in ("m", "v"):
+                a = state[moment].get(n)
+                if a is None or tuple(np.shape(a)) != tuple(params[n].shape):
+                    raise ValueError(f"optimizer state {moment} for {n} has shape {np.shape(a)}, "
+                                     f"parameter has {params[n].shape}")
         self.step_count = int(state["step"])
         self.betas, self.eps = tuple(state["betas"]), state["eps"]
         self.weight_decay, self.max_grad_norm = state["weight_decay"], state["max_grad_norm"]
@@ -222,3 +235,4 @@ class AdamW:
         self.m = {n: to_device(a, device, dtype) for n, a in state["m"].items()}
         self.v = {n: to_device(a, device, dtype) for n, a in state["v"].items()}
         self._groups, self._views = [], {}  # the next step packs the loaded moments
+        self._loaded = set(state["m"])

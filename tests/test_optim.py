@@ -121,13 +121,16 @@ def test_bad_state_and_grads_are_clear_errors():
 # ---------------------------------------------------------------- flat buffers
 
 
-def per_tensor_adamw(params, steps, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.1):
+def per_tensor_adamw(params, steps, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.1, fresh_moments=None):
     """The update tensor by tensor, as the optimizer ran it before its flat buffers:
-    each step updates the tensors its gradient dict names."""
+    each step updates the tensors its gradient dict names. fresh_moments: {step index:
+    names whose moments restart from zero before that step}."""
     params = {n: p.copy() for n, p in params.items()}
     m = {n: np.zeros_like(p) for n, p in params.items()}
     v = {n: np.zeros_like(p) for n, p in params.items()}
     for t, grads in enumerate(steps, start=1):
+        for n in (fresh_moments or {}).get(t - 1, ()):
+            m[n][...] = v[n][...] = 0.0
         for n, g in grads.items():
             p = params[n]
             p *= 1.0 - lr * wd
@@ -145,7 +148,8 @@ def per_tensor_adamw(params, steps, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.1):
 @pytest.mark.parametrize("chunk", [4, 1 << 16])  # the CPU's pieces of the flat buffer: many, or one
 def test_flat_update_is_the_per_tensor_update_bit_for_bit(rng, monkeypatch, chunk):
     """Tensors of several shapes and two dtypes; the set of trained names changes between
-    steps (repacking), and one parameter is replaced by a new array (as load_adapter does)."""
+    steps (repacking), and one parameter is replaced by a new array (as load_adapter or
+    replace_head do): the optimizer follows the new array, whose moments start from zero."""
     monkeypatch.setattr(ml.optim, "CPU_CHUNK", chunk)
     start = {"a": rng.standard_normal((5, 3)), "b": rng.standard_normal(7), "c": rng.standard_normal((2, 2, 3)),
              "h": rng.standard_normal((4, 2)).astype(np.float32)}
@@ -157,10 +161,24 @@ def test_flat_update_is_the_per_tensor_update_bit_for_bit(rng, monkeypatch, chun
         if k == 1:
             model.params["c"] = model.params["c"].copy()  # a new array: the optimizer must follow it
         opt.step({n: g.copy() for n, g in grads.items()})
-    expected = per_tensor_adamw(start, steps, lr=1e-2)
+    expected = per_tensor_adamw(start, steps, lr=1e-2, fresh_moments={1: ["c"]})
     for n in start:
         np.testing.assert_array_equal(model.params[n], expected[n], err_msg=n)
         assert model.params[n].dtype == start[n].dtype
+
+
+def test_a_new_tensor_of_another_shape_under_a_trained_name(rng):
+    """replace_head with another class count, or a new adapter of another rank, after
+    steps: the new tensor trains from fresh moments."""
+    model = ParamsOnly({"head": rng.standard_normal((4, 2))})
+    opt = ml.AdamW(model, lr=1e-2)
+    opt.step({"head": rng.standard_normal((4, 2))})
+    model.params["head"] = start = rng.standard_normal((4, 3))
+    g = rng.standard_normal((4, 3))
+    opt.step({"head": g})
+    assert opt.m["head"].shape == (4, 3)
+    np.testing.assert_allclose(opt.m["head"], 0.1 * g, rtol=1e-15)  # (1 - b1) g: it started from zero
+    assert not np.array_equal(model.params["head"], start)
 
 
 def test_trained_tensors_are_views_of_one_buffer_per_dtype(rng):
