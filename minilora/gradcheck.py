@@ -322,7 +322,11 @@ def load_layers(path):
         raise ValueError(f"no such file: {path}")
     spec = importlib.util.spec_from_file_location(f"minilora_learner_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a learner's syntax error or failed import: one line, not a traceback
+        where = f" (line {e.lineno})" if isinstance(e, SyntaxError) and e.lineno else ""
+        raise ValueError(f"cannot load {path}{where}: {type(e).__name__}: {e}") from e
     return module
 
 

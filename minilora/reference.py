@@ -132,8 +132,10 @@ def adapters(params, name):
 
 def lora_linear_forward(params, name, x, s):
     y = linear_forward(x, params[name + ".weight"], params.get(name + ".bias", 0.0))  # [B, T, out]
-    for prefix, cols in adapters(params, name):  # y += s (x A) B, on the adapter's columns
-        y[..., cols] += s * (x @ params[prefix + ".lora_A"]) @ params[prefix + ".lora_B"]
+    for prefix, cols in adapters(params, name):
+        delta = np.zeros_like(y)
+        delta[..., cols] = s * (x @ params[prefix + ".lora_A"]) @ params[prefix + ".lora_B"]  # its columns only
+        y = y + delta
     return y
 
 

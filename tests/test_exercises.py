@@ -123,3 +123,17 @@ def test_a_missing_module_file_is_a_clear_error(capsys, tmp_path):
 def test_only_works_for_layer_and_model_checks(name):
     results = gradcheck.run_gradchecks(only=[name])
     assert [r.name for r in results][0] == name and all(r.passed for r in results)
+
+
+def test_a_file_that_does_not_load_is_one_clear_line(tmp_path):
+    """A learner's most likely mistake: a syntax error, or an import that fails."""
+    import subprocess
+    import sys
+
+    for name, text in (("typo.py", "def layernorm_backward(dout, cache)\n    pass\n"),
+                       ("imports.py", "import no_such_module\n")):
+        (tmp_path / name).write_text(text)
+        out = subprocess.run([sys.executable, "-m", "minilora", "gradcheck", "--module", str(tmp_path / name)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert f"cannot load {tmp_path / name}" in out.stderr, out.stderr
