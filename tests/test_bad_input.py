@@ -192,6 +192,27 @@ def test_rank_above_the_model_width_is_refused_before_the_data_loads(offline, ti
     assert "--rank 32 exceeds the width" in error_line(capsys)
 
 
+@pytest.mark.parametrize("targets", ["bogus", "c_attn.q,bogus", "h.7.mlp.c_fc"])
+def test_targets_naming_no_layer_are_refused_before_any_work(offline, tiny_model, tmp_path, capsys, targets):
+    # the data file does not exist: reaching it would report that instead
+    rc = finetune(tiny_model, tmp_path / "no.csv", tmp_path / "run", "--targets", targets)
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"minilora finetune: error: --targets '{targets}': "), captured.err
+    assert "matches no linear layer" in lines[0]
+    assert "Data:" not in captured.out
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_targets_that_name_layers_pass_the_check():
+    from minilora.finetune import FinetuneOptions, _check_targets
+
+    for targets in ("all", "attention", "c_attn.q,out_head", "h.1.mlp.*"):
+        _check_targets(FinetuneOptions(targets=targets), TINY)  # out_head: the classifier head finetune adds
+
+
 def test_metrics_json_never_holds_nan():
     from minilora.finetune import strict_json
 
