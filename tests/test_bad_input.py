@@ -263,11 +263,13 @@ def test_full_disk_during_the_adapter_save(offline, tiny_model, tmp_path, monkey
     from minilora import adapters
 
     data, out = write_csv(tmp_path / "d.csv"), tmp_path / "run"
-    real = _fill_disk_when(adapters, lambda p: p.parent == out / "adapter", monkeypatch)
+    # the adapter is written in a temporary folder .adapter.<random>.part beside where it goes
+    real = _fill_disk_when(adapters, lambda p: p.parent.parent == out and p.parent.name.startswith(".adapter."),
+                           monkeypatch)
     assert finetune(tiny_model, data, out) == 1
     line = error_line(capsys)
-    assert f"cannot write {out / 'adapter' / 'adapter.safetensors'}: No space left on device" in line
-    assert leftovers(out) == [] and not (out / "adapter" / "adapter.safetensors").exists()
+    assert f"cannot write {out / 'adapter'}: No space left on device" in line
+    assert leftovers(out) == [] and not (out / "adapter").exists()
     monkeypatch.setattr(adapters, "save_file", real)
     assert finetune(tiny_model, data, out, "--resume") == 0  # the finished checkpoint gives the adapter
     assert (out / "adapter" / "adapter.safetensors").is_file() and leftovers(out) == []
