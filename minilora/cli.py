@@ -419,8 +419,8 @@ COMPARE_ONLY = ("--no-timing", "--no-floor", "--no-rss", "--out")
 def _check_bench_options(parser, args):
     """Refuse (exit 2, as argparse does) a bench option its mode ignores, and an --out that
     cannot be written, before the benchmark runs for minutes."""
-    given = lambda option: getattr(args, option[2:].replace("-", "_")) not in (None, False)  # noqa: E731
-    ignored = [o for o in (BENCH_ONLY if args.compare else COMPARE_ONLY) if given(o)]
+    ignored = [o for o in (BENCH_ONLY if args.compare else COMPARE_ONLY)
+               if getattr(args, o[2:].replace("-", "_")) not in (None, False)]  # given on the command line
     if ignored and args.compare:
         parser.error(f"{', '.join(ignored)} cannot be used with --compare (it sets its own ranks and "
                      f"runs no PyTorch comparison, memory sweep or generation timing)")
