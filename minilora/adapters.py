@@ -10,9 +10,16 @@ An adapter folder holds two files:
                             texts were fed in training (max length, padding, batching,
                             pooling)
 
-Both are written to temporary files and renamed into place, so an interrupted save
-never leaves a half-written adapter. Loading checks everything against the model
-before changing anything: on any mismatch the model is left exactly as it was.
+save_adapter writes both into a temporary folder that then replaces the adapter folder
+whole (minilora.files.atomic_folder), so an interrupted save leaves the previous adapter
+or the new one, never new weights beside an old config or one file without the other;
+a crash between atomic_folder's two renames leaves ``<folder>.old``, which reading the
+adapter puts back. Because the folder is replaced whole, it must hold nothing but an
+adapter. A caller whose bigger folder is already written atomically (a checkpoint)
+can write the two files into it with write_adapter instead.
+
+Loading checks everything against the model before changing anything: on any
+mismatch the model is left exactly as it was.
 """
 
 import json
@@ -22,7 +29,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .backend import to_numpy
-from .files import atomic_path, write_text
+from .files import atomic_folder, recover_folder
 from .lora import adapter_sites, apply_lora
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -36,7 +43,8 @@ class AdapterError(ValueError):
 
 def save_adapter(model, folder, base_model=None, class_names=None, max_length=None, pool=None, pad=None,
                  batching=None):
-    """Write the model's LoRA adapter (and replaced head) to `folder`. Returns the folder.
+    """Write the model's LoRA adapter (and replaced head) to `folder`, atomically: the
+    folder is replaced whole, so it must be new or hold an adapter alone. Returns the folder.
 
     Recorded in the config for whoever loads it, so that the adapter alone says how to
     use it: base_model (the base weights: a preset, a URL or an absolute path),
@@ -46,11 +54,36 @@ def save_adapter(model, folder, base_model=None, class_names=None, max_length=No
     batch, in training and in the run's evaluation). Pool and pad change the logits the head was trained on; with
     pool "last" and per-batch padding, so does batching (how many pads followed a text).
     """
+    tensors, config = _adapter_contents(model, base_model, class_names, max_length, pool, pad, batching)
+    folder = Path(folder)
+    if folder.is_dir():  # replacing the folder would delete whatever else it holds
+        others = sorted(p.name for p in folder.iterdir() if p.name not in (WEIGHTS_FILE, CONFIG_FILE))
+        if others:
+            raise AdapterError(f"{folder} holds other files than an adapter ({', '.join(others[:3])}"
+                               f"{', ...' if len(others) > 3 else ''}); saving replaces the folder whole: "
+                               f"save the adapter to a folder of its own")
+    with atomic_folder(folder) as tmp:
+        _write_files(tmp, tensors, config)
+    return folder
+
+
+def write_adapter(model, folder, **settings):
+    """Write the adapter's two files into `folder` (made if missing), not atomically: for a
+    caller that writes a bigger folder atomically itself (a checkpoint's temporary folder).
+    `settings` as save_adapter's. Returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_files(folder, *_adapter_contents(model, **settings))
+    return folder
+
+
+def _adapter_contents(model, base_model=None, class_names=None, max_length=None, pool=None, pad=None,
+                      batching=None):
+    """(tensors, config) of the model's adapter, checked: what the two files hold."""
     if model.lora is None:
         raise AdapterError("the model has no LoRA adapters to save")
     if model.lora.merged:
         raise AdapterError("unmerge_lora(model) before saving: merged weights hide the adapter")
-    folder = Path(folder)
     names = model.lora.param_names + [n for n in ("out_head.weight", "out_head.bias") if n in model.params]
     tensors = {n: np.ascontiguousarray(to_numpy(model.params[n])) for n in names}
     config = {"format": FORMAT, **model.lora.config(), "base_model": base_model,
@@ -58,15 +91,23 @@ def save_adapter(model, folder, base_model=None, class_names=None, max_length=No
               "num_classes": model.n_out if "out_head.weight" in model.params else None,
               "class_names": None if class_names is None else list(class_names), "max_length": max_length,
               "pool": pool, "pad": pad, "batching": batching}
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "np"})
-    write_text(folder / CONFIG_FILE, json.dumps(config, indent=2))
-    return folder
+    return tensors, config
+
+
+def _write_files(folder, tensors, config):
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "np"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _is_adapter(folder):
+    return (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file()
 
 
 def read_adapter(folder):
     """(config dict, tensors dict of NumPy arrays) from an adapter folder, with clear errors."""
     folder = Path(folder)
+    # a crash between save_adapter's two renames leaves the previous adapter as <folder>.old
+    recover_folder(folder, _is_adapter)
     cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for p in (cfg_path, w_path):
         if not p.is_file():

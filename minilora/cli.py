@@ -8,6 +8,7 @@ command line, as argparse does); SIGTERM is handled like Ctrl-C.
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -198,9 +199,9 @@ def cmd_bench_compare(args):
     report = run_compare(args.model, args.batch_size, args.seq, args.device, args.dtype, repeats=args.repeats,
                          timing=not args.no_timing, floor=not args.no_floor, rss=not args.no_rss, log=log)
     if args.out:
-        from pathlib import Path
+        from .files import write_text
 
-        Path(args.out).write_text(json.dumps(report, indent=2))
+        write_text(args.out, json.dumps(report, indent=2))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -350,10 +351,11 @@ def build_parser():
     p.add_argument("--model", default="gpt2-small", help="preset whose shape to use (random weights)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: $MINILORA_DEVICE or cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq", type=int, default=120)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5, help="timed steps after 2 warm-up steps")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
+    p.add_argument("--seq", type=_int_at_least(1), default=120)
+    p.add_argument("--rank", type=_int_at_least(1), default=None, help="LoRA rank (default 16; not with --compare, "
+                                                                       "which sets its own)")
+    p.add_argument("--repeats", type=_int_at_least(1), default=5, help="timed steps after 2 warm-up steps")
     p.add_argument("--memory", action="store_true", help="also peak memory over batch 1..16 and peak RSS")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--no-generation", action="store_true", help="skip the generation timing")
@@ -366,7 +368,7 @@ def build_parser():
     p.add_argument("--no-floor", action="store_true", help="--compare: skip the matmul floors")
     p.add_argument("--no-rss", action="store_true", help="--compare: skip the fresh-process peak RSS")
     p.add_argument("--out", default=None, help="--compare: also write the JSON report to this file")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, parser=p)  # the parser: its usage and name in _check_bench_options' errors
 
     p = sub.add_parser("gradcheck", help="check every backward pass against finite differences (offline)",
                        description="Check every layer's backward and the whole model (with and without "
@@ -409,12 +411,42 @@ def _where(path, args):
     return ""
 
 
+# bench options that only one mode reads: given to the other, they would be silently ignored
+BENCH_ONLY = ("--rank", "--memory", "--no-torch", "--no-generation")
+COMPARE_ONLY = ("--no-timing", "--no-floor", "--no-rss", "--out")
+
+
+def _check_bench_options(parser, args):
+    """Refuse (exit 2, as argparse does) a bench option its mode ignores, and an --out that
+    cannot be written, before the benchmark runs for minutes."""
+    ignored = [o for o in (BENCH_ONLY if args.compare else COMPARE_ONLY)
+               if getattr(args, o[2:].replace("-", "_")) not in (None, False)]  # given on the command line
+    if ignored and args.compare:
+        parser.error(f"{', '.join(ignored)} cannot be used with --compare (it sets its own ranks and "
+                     f"runs no PyTorch comparison, memory sweep or generation timing)")
+    if ignored:
+        parser.error(f"{', '.join(ignored)} only apply to --compare")
+    if args.rank is None:
+        args.rank = 16
+    if args.out is not None:
+        out = Path(args.out)
+        folder = out.parent
+        if out.is_dir():
+            parser.error(f"argument --out: {out} is a folder; give a file name")
+        if not folder.is_dir():
+            parser.error(f"argument --out: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            parser.error(f"argument --out: the folder {folder} is not writable")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command == "bench":
+        _check_bench_options(args.parser, args)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals need it
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:

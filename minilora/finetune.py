@@ -30,7 +30,7 @@ from .adapters import save_adapter
 from .backend import resolve_device
 from .data import BATCHINGS, PAD_MODES
 from .files import write_text
-from .lora import SCALINGS, apply_lora
+from .lora import SCALINGS, apply_lora, config_sites, select_targets
 from .model import GPTModel
 from .optim import AdamW
 from .plots import plot_run
@@ -125,6 +125,17 @@ class FinetuneOptions:
     RESUME_DEFAULTS = {"batching": "shuffled"}
 
 
+def _check_targets(opts, model_cfg):
+    """Refuse a --targets that names no layer of the model, from its config alone: the
+    model is not built yet. The classifier head (out_head) is added once the data names
+    its classes; its width does not change the names, so 0 stands in for it here."""
+    try:
+        select_targets(config_sites(model_cfg, head_outputs=0), model_cfg.n_layers, opts.targets)
+    except ValueError as e:
+        shown = opts.targets if isinstance(opts.targets, str) else ",".join(opts.targets)
+        raise ValueError(f"--targets {shown!r}: {e}") from None
+
+
 def _option(field_name):
     """The command-line option of a FinetuneOptions field: batch_size -> --batch-size."""
     return "--" + field_name.replace("_", "-")
@@ -178,11 +189,13 @@ def run_finetune(opts, log=print, progress=None):
     resolve_device(opts.device)  # a missing CuPy or GPU is reported before any work is done
     out = Path(opts.output_dir)
     ckpt = out / "checkpoint"
-    resume = _prepare_run_folder(out, opts, log)
-    t0 = time.perf_counter()
+    # the options that depend on the model, from its config alone, before the run folder is touched
     model_cfg = read_config(opts.model, offline=opts.offline)
     if opts.rank > model_cfg.emb_dim:
         raise ValueError(f"--rank {opts.rank} exceeds the width of {opts.model} ({model_cfg.emb_dim})")
+    _check_targets(opts, model_cfg)
+    resume = _prepare_run_folder(out, opts, log)
+    t0 = time.perf_counter()
     data, (train_loader, val_loader, test_loader) = load_data(opts, model_cfg.context_length, log)
     model = build_model(opts, data.num_classes, log)
     opt = AdamW(model, lr=opts.lr, weight_decay=opts.weight_decay)

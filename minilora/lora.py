@@ -113,30 +113,42 @@ class Adapter:
 
 
 def adapter_sites(model):
-    """Every place an adapter can go, in a fixed order: prefix -> (linear, cols, in, out)."""
-    C = model.cfg.emb_dim
+    """Every place an adapter can go on `model`, in a fixed order: prefix -> (linear, cols, in, out)."""
+    return config_sites(model.cfg, model.n_out if "out_head.weight" in model.params else None)
+
+
+def config_sites(cfg, head_outputs=None):
+    """The adapter sites of a model of GPTConfig `cfg`, without building it (what a caller
+    needs to check --targets before loading anything). head_outputs: the width of the
+    model's own out_head, or None when it has none (GPT-2's LM head is tied to wte)."""
+    C = cfg.emb_dim
     sites = {}
-    for i in range(model.cfg.n_layers):
+    for i in range(cfg.n_layers):
         h = f"h.{i}."
         for j, part in enumerate("qkv"):  # three adapters over the fused Q|K|V columns
             sites[f"{h}attn.c_attn.{part}"] = (h + "attn.c_attn", slice(j * C, (j + 1) * C), C, C)
         sites[h + "attn.c_proj"] = (h + "attn.c_proj", slice(None), C, C)
         sites[h + "mlp.c_fc"] = (h + "mlp.c_fc", slice(None), C, 4 * C)
         sites[h + "mlp.c_proj"] = (h + "mlp.c_proj", slice(None), 4 * C, C)
-    if "out_head.weight" in model.params:
-        sites["out_head"] = ("out_head", slice(None), C, model.n_out)
+    if head_outputs is not None:
+        sites["out_head"] = ("out_head", slice(None), C, head_outputs)
     return sites
 
 
 def resolve_targets(model, targets="all", layers=None):
-    """The adapter prefixes selected by `targets` and `layers`.
+    """The adapter prefixes of `model` selected by `targets` and `layers` (see select_targets)."""
+    return select_targets(adapter_sites(model), model.cfg.n_layers, targets, layers)
+
+
+def select_targets(sites, n_layers, targets="all", layers=None):
+    """The prefixes of `sites` (from adapter_sites or config_sites, of a model with
+    `n_layers` blocks) selected by `targets` and `layers`.
 
     targets: "all" (every linear, Q/K/V separately, and out_head when present),
     "attention" (Q and V, as in the LoRA paper), or a list of names / glob patterns
     matched against full prefixes ("h.*.mlp.c_fc") or their trailing part ("c_attn.q",
     "mlp.c_proj", "out_head"). layers: block indices to keep (None = all).
     """
-    sites = adapter_sites(model)
     if targets == "all":
         chosen = list(sites)
     elif targets == "attention":
@@ -152,9 +164,9 @@ def resolve_targets(model, targets="all", layers=None):
         chosen.sort(key=list(sites).index)
     if layers is not None:
         keep = {f"h.{i}." for i in layers}
-        bad = [i for i in layers if not 0 <= i < model.cfg.n_layers]
+        bad = [i for i in layers if not 0 <= i < n_layers]
         if bad:
-            raise ValueError(f"LoRA layers {bad} out of range [0, {model.cfg.n_layers})")
+            raise ValueError(f"LoRA layers {bad} out of range [0, {n_layers})")
         chosen = [p for p in chosen if p == "out_head" or p[: p.index(".", 2) + 1] in keep]
     return chosen
 

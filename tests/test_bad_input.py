@@ -191,6 +191,27 @@ def test_rank_above_the_model_width_is_refused_before_the_data_loads(offline, ti
     assert "--rank 32 exceeds the width" in error_line(capsys)
 
 
+@pytest.mark.parametrize("targets", ["bogus", "c_attn.q,bogus", "h.7.mlp.c_fc"])
+def test_targets_naming_no_layer_are_refused_before_any_work(offline, tiny_model, tmp_path, capsys, targets):
+    # the data file does not exist: reaching it would report that instead
+    rc = finetune(tiny_model, tmp_path / "no.csv", tmp_path / "run", "--targets", targets)
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "Traceback" not in captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"minilora finetune: error: --targets '{targets}': "), captured.err
+    assert "matches no linear layer" in lines[0]
+    assert "Data:" not in captured.out
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_targets_that_name_layers_pass_the_check():
+    from minilora.finetune import FinetuneOptions, _check_targets
+
+    for targets in ("all", "attention", "c_attn.q,out_head", "h.1.mlp.*"):
+        _check_targets(FinetuneOptions(targets=targets), TINY)  # out_head: the classifier head finetune adds
+
+
 def test_metrics_json_never_holds_nan():
     from minilora.finetune import strict_json
 
@@ -244,11 +265,13 @@ def test_full_disk_during_the_adapter_save(offline, tiny_model, tmp_path, monkey
     from minilora import adapters
 
     data, out = write_csv(tmp_path / "d.csv"), tmp_path / "run"
-    real = _fill_disk_when(adapters, lambda p: p.parent == out / "adapter", monkeypatch)
+    # the adapter is written in a temporary folder .adapter.<random>.part beside where it goes
+    real = _fill_disk_when(adapters, lambda p: p.parent.parent == out and p.parent.name.startswith(".adapter."),
+                           monkeypatch)
     assert finetune(tiny_model, data, out) == 1
     line = error_line(capsys)
-    assert f"cannot write {out / 'adapter' / 'adapter.safetensors'}: No space left on device" in line
-    assert leftovers(out) == [] and not (out / "adapter" / "adapter.safetensors").exists()
+    assert f"cannot write {out / 'adapter'}: No space left on device" in line
+    assert leftovers(out) == [] and not (out / "adapter").exists()
     monkeypatch.setattr(adapters, "save_file", real)
     assert finetune(tiny_model, data, out, "--resume") == 0  # the finished checkpoint gives the adapter
     assert (out / "adapter" / "adapter.safetensors").is_file() and leftovers(out) == []

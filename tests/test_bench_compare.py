@@ -101,7 +101,8 @@ def test_bench_compare_runs_end_to_end_on_a_tiny_shape(tmp_path):
         # float32: one gradient and two AdamW moments per trainable value
         assert row["gradient_bytes"] == 4 * row["trainable_params"]
         assert row["optimizer_state_bytes"] == 8 * row["trainable_params"]
-        assert row["training_bytes"] == row["param_bytes"] + row["optimizer_state_bytes"] + row["step_peak_bytes"]
+        # the measured peak of a step holds at least the gradients the step made
+        assert row["step_peak_bytes"] >= row["gradient_bytes"]
     assert rows["full"]["trainable_params"] == rows["full"]["total_params"]
     for name in ("lora_all_r16", "lora_qv_r4", "lora_attn_r8"):
         assert rows[name]["trainable_params"] == rows[name]["lora_values_formula"]
@@ -109,6 +110,39 @@ def test_bench_compare_runs_end_to_end_on_a_tiny_shape(tmp_path):
         assert {"memory_saving", "rss_saving", "checkpoint_factor", "speedup", "optimizer_state_factor"} <= set(s)
         assert s["checkpoint_factor"] > 1 and s["optimizer_state_factor"] > 1
     assert round(report["paper"]["gpt3_qv_r4_checkpoint_factor"]) == 9272
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=lambda s: s.name)
+def test_gradient_and_optimizer_bytes_are_the_arrays_a_step_makes(setup):
+    """What the report counts as gradient and optimizer-state bytes (TrainStep.grad_bytes,
+    the AdamW moments) against the arrays themselves: one float32 gradient and two float32
+    moments (m, v) per trainable value, nothing for a frozen one."""
+    model, step = build_step(bench_config("tiny"), 2, 8, setup.rank or 0, targets=setup.targets)
+    seen = []
+    backward = model.backward
+
+    def keep_grads(*args, **kwargs):
+        grads = backward(*args, **kwargs)
+        seen.append(grads)
+        return grads
+
+    model.backward = keep_grads
+    step()
+    step()
+    trainable = {n: model.params[n] for n in model.trainable}
+    n_trainable = sum(int(p.size) for p in trainable.values())
+    assert n_trainable == model.num_params(trainable_only=True)
+    if setup.targets is not None:
+        assert n_trainable < model.num_params() / 2  # LoRA: most of the model is frozen
+    grads = seen[-1]
+    assert set(grads) == set(trainable)
+    for moments in (grads, step.opt.m, step.opt.v):
+        assert set(moments) == set(trainable)
+        for n, a in moments.items():
+            assert a.shape == trainable[n].shape and a.dtype == np.float32, n
+    assert step.grad_bytes == sum(int(g.nbytes) for g in grads.values()) == 4 * n_trainable
+    state = [a for d in (step.opt.m, step.opt.v) for a in d.values()]
+    assert sum(int(a.nbytes) for a in state) == 2 * 4 * n_trainable
 
 
 def test_bench_compare_table(capsys):
@@ -131,3 +165,69 @@ def test_lora_setups_share_the_frozen_weights_and_full_refuses_to():
     np.testing.assert_array_equal(to_numpy(base.params["h.0.attn.c_attn.weight"]), before)
     with pytest.raises(ValueError, match="full fine-tuning"):
         build_step(cfg, 2, 4, targets=None, base=base)
+
+
+@pytest.fixture
+def no_benchmark(monkeypatch):
+    """Any benchmark run fails the test: the options must be refused before one starts."""
+    import minilora.bench
+    import minilora.bench_compare
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(minilora.bench_compare, "run_compare", refuse)
+    monkeypatch.setattr(minilora.bench, "run_benchmark", refuse)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--compare", "--rank", "4"], "--rank cannot be used with --compare"),
+    (["--compare", "--memory"], "--memory cannot be used with --compare (it sets its own ranks and runs no "
+                                "PyTorch comparison, memory sweep or generation timing)"),
+    (["--compare", "--no-torch", "--no-generation"], "--no-torch, --no-generation cannot be used with --compare"),
+    (["--no-rss", "--out", "r.json"], "--no-rss, --out only apply to --compare"),
+    (["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
+    (["--compare", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["--seq", "-1"], "argument --seq: must be an integer >= 1, got -1"),
+    (["--rank", "0"], "argument --rank: must be an integer >= 1, got 0"),
+    (["--compare", "--out", "{tmp}/missing/r.json"], "argument --out: the folder {tmp}/missing does not exist"),
+    (["--compare", "--out", "{tmp}"], "argument --out: {tmp} is a folder; give a file name"),
+])
+def test_bench_options_are_checked_before_the_benchmark(no_benchmark, tmp_path, capsys, argv, says):
+    from minilora import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--model", "tiny", *(a.format(tmp=tmp_path) for a in argv)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("minilora bench: error: " + says.format(tmp=tmp_path)), err
+
+
+def test_bench_out_in_a_read_only_folder_is_refused_before_the_benchmark(no_benchmark, tmp_path, capsys):
+    import os
+
+    from minilora import cli
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as a user that can write anywhere (root)")
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--compare", "--model", "tiny", "--out", str(folder / "r.json")])
+        assert f"argument --out: the folder {folder} is not writable" in capsys.readouterr().err
+    finally:
+        folder.chmod(0o700)
+
+
+def test_bench_compare_out_is_written_whole(tmp_path, monkeypatch, capsys):
+    import minilora.bench_compare
+    from minilora import cli
+
+    monkeypatch.setattr(minilora.bench_compare, "run_compare", lambda *a, **k: {"setups": [], "x": 1})
+    out = tmp_path / "compare.json"
+    assert cli.main(["bench", "--compare", "--model", "tiny", "--json", "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"setups": [], "x": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["compare.json"]  # no temporary left beside it

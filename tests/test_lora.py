@@ -233,6 +233,83 @@ def test_corrupt_adapters_are_clear_errors(tmp_path, tiny_cfg):
         load_adapter(ml.GPTModel(tiny_cfg), tmp_path / "nowhere")
 
 
+def _crash_save_at(where, monkeypatch):
+    """Make the next save_adapter fail `where`: halfway through the weights (a full disk),
+    after the weights while writing the config (Ctrl-C), or between atomic_folder's two
+    renames (the old adapter moved aside, the new one not yet in place: a power cut)."""
+    import errno
+    import json
+    import os
+    import types
+
+    from minilora import adapters, files
+
+    if where == "weights":
+        def save_file(tensors, path, *args, **kwargs):
+            open(path, "wb").write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(adapters, "save_file", save_file)
+    elif where == "config":
+        def dumps(*args, **kwargs):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(adapters, "json", types.SimpleNamespace(dumps=dumps, loads=json.loads,
+                                                                   JSONDecodeError=json.JSONDecodeError))
+    else:
+        real, calls = os.replace, []
+
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == 2:  # folder -> folder.old done; tmp -> folder is the crash
+                raise KeyboardInterrupt
+            return real(src, dst)
+        monkeypatch.setattr(files.os, "replace", replace)
+
+
+@pytest.mark.parametrize("where", ["weights", "config", "between_renames"])
+def test_an_interrupted_save_keeps_the_old_adapter_whole(tmp_path, tiny_cfg, monkeypatch, where):
+    from safetensors.numpy import load_file
+
+    folder = tmp_path / "adapter"
+    save_adapter(_trained_adapter_model(tiny_cfg), folder, class_names=["a", "b", "c"])
+    old_config = (folder / "adapter_config.json").read_text()
+    old_tensors = load_file(str(folder / "adapter.safetensors"))
+    new = lora_model(tiny_cfg, rank=4)  # another rank: a mix of old and new files would not load
+    randomize_B(new, scale=0.5)
+    _crash_save_at(where, monkeypatch)
+    with pytest.raises((OSError, KeyboardInterrupt, RuntimeError)):
+        save_adapter(new, folder, class_names=["x", "y", "z"])
+    monkeypatch.undo()
+    # reading puts back the old adapter a crash between the renames left as adapter.old
+    config = load_adapter(ml.GPTModel(tiny_cfg, seed=0), folder)
+    assert config["rank"] == 2 and config["class_names"] == ["a", "b", "c"]
+    assert (folder / "adapter_config.json").read_text() == old_config
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    assert set(tensors) == set(old_tensors) and all(np.array_equal(tensors[n], old_tensors[n]) for n in tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary, no adapter.old
+
+
+@pytest.mark.parametrize("where", ["weights", "config"])
+def test_an_interrupted_first_save_leaves_nothing(tmp_path, tiny_cfg, monkeypatch, where):
+    _crash_save_at(where, monkeypatch)
+    with pytest.raises((OSError, KeyboardInterrupt, RuntimeError)):
+        save_adapter(_trained_adapter_model(tiny_cfg), tmp_path / "adapter")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_adapter_refuses_a_folder_holding_other_files(tmp_path, tiny_cfg):
+    from minilora.adapters import write_adapter
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(AdapterError, match="holds other files than an adapter \\(notes.txt\\)"):
+        save_adapter(_trained_adapter_model(tiny_cfg), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    # a caller that writes the bigger folder atomically itself puts the two files beside its own
+    write_adapter(_trained_adapter_model(tiny_cfg), tmp_path, class_names=["a", "b", "c"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json",
+                                                         "notes.txt"]
+    assert load_adapter(ml.GPTModel(tiny_cfg, seed=0), tmp_path)["class_names"] == ["a", "b", "c"]
+
+
 def test_lora_training_on_a_toy_task_leaves_the_base_untouched(device, tiny_cfg):
     """Classify whether token 7 occurs in a sequence: the loss falls, base bits stay."""
     rng = np.random.default_rng(0)
