@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .adapters import load_adapter, save_adapter
+from .adapters import load_adapter, write_adapter
 from .backend import to_numpy
 from .files import atomic_folder, recover_folder
 from .layers import cross_entropy_backward, cross_entropy_forward
@@ -281,7 +281,7 @@ def save_checkpoint(folder, model, opt, state):
     to a sibling temporary folder that then replaces `folder` (minilora.files), so a
     crash or a full disk mid-save leaves the previous checkpoint intact."""
     with atomic_folder(folder) as tmp:
-        save_adapter(model, tmp / ADAPTER_DIR)
+        write_adapter(model, tmp / ADAPTER_DIR)  # the checkpoint folder itself is the atomic unit
         opt_state = opt.state_dict()
         tensors = {f"m/{n}": a for n, a in opt_state.pop("m").items()}
         tensors.update({f"v/{n}": a for n, a in opt_state.pop("v").items()})
