@@ -57,6 +57,20 @@ def test_training_lowers_the_loss_and_leaves_the_base_untouched(sms_data, tiny_s
     assert all(np.array_equal(model.params[n], p) for n, p in base.items())
 
 
+def assert_resumes_to(straight, model_s, cfg_model, ckpt, train, val, cfg):
+    """Resume a fresh model from the checkpoint `ckpt` and check the finished run is the
+    uninterrupted one (`straight`, trained into `model_s`): same losses, evaluations,
+    accuracies, and bit for bit the same adapter."""
+    model2, opt2 = fresh(cfg_model)
+    ml.remove_lora(model2)
+    state = load_checkpoint(ckpt, model2, opt2)
+    resumed = train_classifier(model2, opt2, train, val, cfg, checkpoint_dir=ckpt, state=state, progress=False)
+    assert [h["batch_loss"] for h in resumed.history] == [h["batch_loss"] for h in straight.history]
+    assert resumed.evals == straight.evals and resumed.epochs == straight.epochs
+    for n in model_s.lora.param_names:
+        np.testing.assert_array_equal(model2.params[n], model_s.params[n], err_msg=n)
+
+
 @pytest.mark.parametrize("batching", ["shuffled", "by_length"])
 def test_interrupted_run_resumes_to_the_same_result(sms_data, tiny_sms_cfg, tmp_path, monkeypatch, batching):
     cfg = TrainConfig(epochs=2, eval_freq=9, eval_iter=2)
@@ -80,15 +94,7 @@ def test_interrupted_run_resumes_to_the_same_result(sms_data, tiny_sms_cfg, tmp_
     saved = json.loads((tmp_path / "ckpt" / "state.json").read_text())["loop"]
     assert (saved["epoch"], saved["batch"], saved["step"]) == (1, 7, 27)
 
-    model2, opt2 = fresh(tiny_sms_cfg)
-    ml.remove_lora(model2)
-    state = load_checkpoint(tmp_path / "ckpt", model2, opt2)
-    resumed = train_classifier(model2, opt2, train, val, cfg, checkpoint_dir=tmp_path / "ckpt", state=state,
-                               progress=False)
-    assert [h["batch_loss"] for h in resumed.history] == [h["batch_loss"] for h in straight.history]
-    assert resumed.evals == straight.evals and resumed.epochs == straight.epochs
-    for n in model_s.lora.param_names:  # bit for bit the uninterrupted run's adapter
-        np.testing.assert_array_equal(model2.params[n], model_s.params[n], err_msg=n)
+    assert_resumes_to(straight, model_s, tiny_sms_cfg, tmp_path / "ckpt", train, val, cfg)
     assert not list(tmp_path.glob("ckpt.*"))  # no temporary or old checkpoint folders left
 
 
@@ -122,15 +128,7 @@ def test_ctrl_c_during_an_evaluation_waits_for_the_step_and_resumes_exactly(sms_
     saved = json.loads((tmp_path / "ckpt" / "state.json").read_text())["loop"]
     assert saved["step"] == 10 and saved["batch"] == 10  # after step 9 and its evaluation
 
-    model2, opt2 = fresh(tiny_sms_cfg)
-    ml.remove_lora(model2)
-    state = load_checkpoint(tmp_path / "ckpt", model2, opt2)
-    resumed = train_classifier(model2, opt2, train, val, cfg, checkpoint_dir=tmp_path / "ckpt", state=state,
-                               progress=False)
-    assert [h["batch_loss"] for h in resumed.history] == [h["batch_loss"] for h in straight.history]
-    assert resumed.evals == straight.evals and resumed.epochs == straight.epochs
-    for n in model_s.lora.param_names:
-        np.testing.assert_array_equal(model2.params[n], model_s.params[n], err_msg=n)
+    assert_resumes_to(straight, model_s, tiny_sms_cfg, tmp_path / "ckpt", train, val, cfg)
 
 
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(sms_data, tiny_sms_cfg, tmp_path, monkeypatch):
