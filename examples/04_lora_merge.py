@@ -16,7 +16,7 @@ import numpy as np
 
 import minilora as ml
 from minilora.layers import cross_entropy_backward, cross_entropy_forward
-from minilora.model import param_shapes
+from minilora.config import param_shapes
 
 V, T, X = 16, 10, 7  # the task of example 03: does the sequence contain token 7?
 rng = np.random.default_rng(0)

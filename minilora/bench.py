@@ -29,7 +29,7 @@ from . import backend
 from .config import GPTConfig, param_shapes
 from .layers import cross_entropy_backward, cross_entropy_forward
 from .lora import apply_lora
-from .model import GPTModel
+from .model import GPTModel, backward_extent
 from .optim import AdamW
 
 
@@ -152,9 +152,7 @@ def step_matmuls(model, batch, seq):
             return [(dy, kT, False, True), (attT, dy, True, False), (att, kv, False, False), (attT, q, True, False)]
         return [(q, kT, False, True), (att, kv, False, False)]
 
-    embeddings_train = "wte.weight" in train or "wpe.weight" in train
-    trained_blocks = [int(n.split(".")[1]) for n in train if n.startswith("h.")]
-    lowest = 0 if embeddings_train else min(trained_blocks, default=cfg.n_layers)
+    embeddings_train, lowest = backward_extent(train, cfg.n_layers)  # where the backward stops
     prods = []
     for layer in range(cfg.n_layers):
         h = f"h.{layer}."

@@ -233,7 +233,7 @@ def apply_lora(model, rank=16, alpha=16, scaling="alpha_over_r", targets="all", 
     if targets is None or (not isinstance(targets, str) and len(targets) == 0) or targets == "":
         raise ValueError(f"LoRA targets {targets!r} select no layer: nothing would be trained; use "
                          f"'all', 'attention' or names such as {list(sites)[:3]}")
-    prefixes = resolve_targets(model, targets, layers)
+    prefixes = select_targets(sites, model.cfg.n_layers, targets, layers)
     if not prefixes:  # e.g. layers=[] : nothing left to train either
         raise ValueError(f"LoRA targets {targets!r} with layers {layers!r} select no layer: nothing "
                          f"would be trained")

@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from . import backend
-from .config import PRESET_ALIASES, PRESETS, GPTConfig, param_shapes  # noqa: F401 (re-exported)
+from .config import GPTConfig, param_shapes
 from .layers import (
     SequenceRNG,
     attention_backward,
@@ -47,6 +47,15 @@ from .weights import load_pretrained
 
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon
 _INIT_CHUNK = 1 << 22  # random init draws this many float64 values at a time (32 MB)
+
+
+def backward_extent(trainable, n_layers):
+    """(embeddings_train, lowest): whether a position or token table trains, and the
+    lowest block the backward must reach (0 when the embeddings train, n_layers when no
+    block trains anything). Under it nothing needs a gradient, so the backward stops."""
+    embeddings_train = "wte.weight" in trainable or "wpe.weight" in trainable
+    trained_blocks = [int(n.split(".")[1]) for n in trainable if n.startswith("h.")]
+    return embeddings_train, 0 if embeddings_train else min(trained_blocks, default=n_layers)
 
 
 class GPTModel:
@@ -214,7 +223,7 @@ class GPTModel:
         """dx for the linear `name` (None when need_dx is False); its weight/bias/LoRA
         gradients go into `grads`."""
         base_cache, lora_caches = cache
-        train = self._trainable_set
+        train = self._forward_trainable
         dx, dw, db = linear_backward(dout, base_cache, need_dx=need_dx, need_dw=name + ".weight" in train,
                                      need_db=name + ".bias" in train and name + ".bias" in self.params)
         self._accumulate(grads, name + ".weight", dw)
@@ -334,7 +343,6 @@ class GPTModel:
         if set(self.trainable) != self._forward_trainable:  # the forward kept what those needed
             raise RuntimeError("model.trainable changed between forward and backward: run the forward again")
         shards, self._cache = self._cache, None  # backward consumes the activations
-        self._trainable_set = set(self.trainable)
         parts = backend.run_parallel(lambda s, cache: self._backward_shard(dlogits[s], cache), shards)
         grads = parts[0]
         for part in parts[1:]:
@@ -345,7 +353,7 @@ class GPTModel:
     def _backward_shard(self, dlogits, cache):
         """Gradients (dict) of one shard, from its dlogits rows and its forward's cache."""
         c_emb, c_drop, blocks, rows, c_lnf, c_head = cache
-        train = self._trainable_set
+        train = self._forward_trainable
         p, grads = self.params, {}
         if "out_head.weight" in p:
             dx = self._linear_backward("out_head", dlogits, c_head, grads)
@@ -358,9 +366,7 @@ class GPTModel:
         # Frozen means no work: below the lowest block that trains anything, and under a
         # frozen embedding, no gradient is needed, so the backward stops there
         # (reference.backward runs every block down to the embedding, always).
-        embeddings_train = "wte.weight" in train or "wpe.weight" in train
-        trained_blocks = [int(n.split(".")[1]) for n in train if n.startswith("h.")]
-        lowest = 0 if embeddings_train else min(trained_blocks, default=self.cfg.n_layers)
+        embeddings_train, lowest = backward_extent(train, self.cfg.n_layers)
         for i in reversed(range(lowest, self.cfg.n_layers)):
             h = f"h.{i}."
             below = i > lowest or embeddings_train  # does anything under block i train?
@@ -404,11 +410,11 @@ class GPTModel:
 
     def _trains(self, prefix):
         """Whether the weight or bias of a layernorm `prefix` is trained."""
-        return prefix + "weight" in self._trainable_set or prefix + "bias" in self._trainable_set
+        return prefix + "weight" in self._forward_trainable or prefix + "bias" in self._forward_trainable
 
     def _accumulate_pair(self, grads, prefix, dw, db):
         """Add a weight/bias gradient pair (layernorm) for the trainable ones."""
-        if prefix + "weight" in self._trainable_set:
+        if prefix + "weight" in self._forward_trainable:
             self._accumulate(grads, prefix + "weight", dw)
-        if prefix + "bias" in self._trainable_set:
+        if prefix + "bias" in self._forward_trainable:
             self._accumulate(grads, prefix + "bias", db)

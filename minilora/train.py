@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,9 +44,10 @@ class StoppedMidStep(KeyboardInterrupt):
     stops at once, and no checkpoint is written over the last consistent one."""
 
 
-@contextmanager
 def interrupts_between_steps():
-    """Ctrl-C and SIGTERM take effect between two training steps. A signal only marks
+    """Ctrl-C and SIGTERM take effect between two training steps; returns the pair
+    (between_steps, restore): call the first where a step has ended, the second when
+    training ends, to put the signal handlers back. A signal only marks
     itself; the step under way (its optimizer update, its evaluation, the loop's
     counters) completes, and then `between_steps()` raises what the signal's own handler
     raises (KeyboardInterrupt; the CLI's Terminated for SIGTERM). So the checkpoint
@@ -72,11 +72,11 @@ def interrupts_between_steps():
             signum, frame = pending.pop()
             previous[signum](signum, frame)
 
-    try:
-        yield between_steps
-    finally:
+    def restore():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+    return between_steps, restore
 
 
 @dataclass
@@ -201,62 +201,63 @@ def train_classifier(model, opt, train_loader, val_loader, config=None, *, check
         bar.set_postfix(loss=f"{values[-1]:.3f}", refresh=False)
 
     model.train()
-    with interrupts_between_steps() as between_steps:
-        try:
-            while state.epoch < config.epochs:
-                for idx, labels, last_index in train_loader.epoch_batches(state.epoch, start=state.batch):
-                    loss = train_step(model, opt, idx, labels, last_index, config.pool)
-                    state.examples_seen += len(labels)
-                    clock()
-                    row = {"step": state.step, "epoch": state.epoch + 1, "examples_seen": state.examples_seen,
-                           "lr": opt.last_lr, "batch_loss": None, "seconds": round(state.seconds, 3)}
-                    state.history.append(row)
-                    pending.append((row, loss))
-                    if len(pending) >= sync_every:
-                        flush()
-                    if state.step % config.eval_freq == 0:
-                        flush()
-                        tr = evaluate(model, train_loader.epoch_batches(state.epoch), config.eval_iter, config.pool)
-                        va = evaluate(model, val_loader.epoch_batches(0), config.eval_iter, config.pool)
-                        state.evals.append({"step": state.step, "epoch": state.epoch + 1,
-                                            "examples_seen": state.examples_seen,
-                                            "train_loss": tr[0], "val_loss": va[0]})
-                        log(f"Ep {state.epoch + 1} (Step {state.step:06d}): "
-                            f"Train loss {tr[0]:.3f}, Val loss {va[0]:.3f}")
-                    state.step += 1
-                    state.batch += 1
-                    bar.update(1)
-                    between_steps()  # a Ctrl-C or SIGTERM received during the step stops here
-                flush()
-                tr_acc = evaluate(model, train_loader.epoch_batches(state.epoch), config.eval_iter, config.pool)[1]
-                va_acc = evaluate(model, val_loader.epoch_batches(0), config.eval_iter, config.pool)[1]
-                state.epochs.append({"epoch": state.epoch + 1, "examples_seen": state.examples_seen,
-                                     "train_accuracy": tr_acc, "val_accuracy": va_acc})
-                log(f"Training accuracy: {tr_acc * 100:.2f}% | Validation accuracy: {va_acc * 100:.2f}%")
-                state.epoch += 1
-                state.batch = 0
+    between_steps, restore_signals = interrupts_between_steps()
+    try:
+        while state.epoch < config.epochs:
+            for idx, labels, last_index in train_loader.epoch_batches(state.epoch, start=state.batch):
+                loss = train_step(model, opt, idx, labels, last_index, config.pool)
+                state.examples_seen += len(labels)
                 clock()
-                if checkpoint_dir:
-                    save_checkpoint(checkpoint_dir, model, opt, state)
-                between_steps()
-            state.done = True
-            clock()
-            if checkpoint_dir:
-                save_checkpoint(checkpoint_dir, model, opt, state)
-        except StoppedMidStep:
-            if checkpoint_dir:
-                log(f"stopped in the middle of a step: the last checkpoint in {checkpoint_dir} is kept")
-            raise
-        except KeyboardInterrupt:
+                row = {"step": state.step, "epoch": state.epoch + 1, "examples_seen": state.examples_seen,
+                       "lr": opt.last_lr, "batch_loss": None, "seconds": round(state.seconds, 3)}
+                state.history.append(row)
+                pending.append((row, loss))
+                if len(pending) >= sync_every:
+                    flush()
+                if state.step % config.eval_freq == 0:
+                    flush()
+                    tr = evaluate(model, train_loader.epoch_batches(state.epoch), config.eval_iter, config.pool)
+                    va = evaluate(model, val_loader.epoch_batches(0), config.eval_iter, config.pool)
+                    state.evals.append({"step": state.step, "epoch": state.epoch + 1,
+                                        "examples_seen": state.examples_seen,
+                                        "train_loss": tr[0], "val_loss": va[0]})
+                    log(f"Ep {state.epoch + 1} (Step {state.step:06d}): "
+                        f"Train loss {tr[0]:.3f}, Val loss {va[0]:.3f}")
+                state.step += 1
+                state.batch += 1
+                bar.update(1)
+                between_steps()  # a Ctrl-C or SIGTERM received during the step stops here
             flush()
+            tr_acc = evaluate(model, train_loader.epoch_batches(state.epoch), config.eval_iter, config.pool)[1]
+            va_acc = evaluate(model, val_loader.epoch_batches(0), config.eval_iter, config.pool)[1]
+            state.epochs.append({"epoch": state.epoch + 1, "examples_seen": state.examples_seen,
+                                 "train_accuracy": tr_acc, "val_accuracy": va_acc})
+            log(f"Training accuracy: {tr_acc * 100:.2f}% | Validation accuracy: {va_acc * 100:.2f}%")
+            state.epoch += 1
+            state.batch = 0
             clock()
             if checkpoint_dir:
                 save_checkpoint(checkpoint_dir, model, opt, state)
-                log(f"interrupted: saved a checkpoint at step {state.step} in {checkpoint_dir}; "
-                    f"resume to continue")
-            raise
-        finally:
-            bar.close()
+            between_steps()
+        state.done = True
+        clock()
+        if checkpoint_dir:
+            save_checkpoint(checkpoint_dir, model, opt, state)
+    except StoppedMidStep:
+        if checkpoint_dir:
+            log(f"stopped in the middle of a step: the last checkpoint in {checkpoint_dir} is kept")
+        raise
+    except KeyboardInterrupt:
+        flush()
+        clock()
+        if checkpoint_dir:
+            save_checkpoint(checkpoint_dir, model, opt, state)
+            log(f"interrupted: saved a checkpoint at step {state.step} in {checkpoint_dir}; "
+                f"resume to continue")
+        raise
+    finally:
+        restore_signals()
+        bar.close()
     return state
 
 

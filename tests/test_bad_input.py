@@ -18,18 +18,11 @@ import pytest
 import minilora as ml
 from minilora import cli
 from minilora import train as train_mod
-from minilora.weights import save_pretrained
 
-TINY = ml.GPTConfig(vocab_size=50257, context_length=128, emb_dim=16, n_heads=2, n_layers=2)
+from fixtures_weights import TINY_REAL_VOCAB
+
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = {"food": "pizza pasta bread cheese soup", "sport": "goal match team score ball"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    save_pretrained(ml.GPTModel(TINY, seed=0), folder)
-    return folder
 
 
 @pytest.fixture
@@ -40,7 +33,7 @@ def offline(minilora_home, monkeypatch):
 
 def write_csv(path, rows=30, words=WORDS, long_every=0):
     """`rows` text,label rows cycling through the classes of `words`; every
-    `long_every`-th text is 200 tokens long (longer than TINY's context)."""
+    `long_every`-th text is 200 tokens long (longer than the tiny model's context)."""
     lines = ["text,label"]
     rng = np.random.default_rng(0)
     for i in range(rows):
@@ -162,39 +155,39 @@ def test_version():
 # ----------------------------------------------------------------------------- data against the run
 
 
-def test_batch_larger_than_the_training_set_is_refused(offline, tiny_model, tmp_path, capsys):
+def test_batch_larger_than_the_training_set_is_refused(offline, tiny_checkpoint, tmp_path, capsys):
     data = write_csv(tmp_path / "small.csv")  # 21 training examples
-    assert finetune(tiny_model, data, tmp_path / "run", "--batch-size", 32) == 1
+    assert finetune(tiny_checkpoint, data, tmp_path / "run", "--batch-size", 32) == 1
     line = error_line(capsys)
     assert "--batch-size 32" in line and "21 training examples" in line
     assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "adapter").exists()
 
 
-def test_texts_longer_than_the_context_are_truncated_and_counted(offline, tiny_model, tmp_path, capsys):
+def test_texts_longer_than_the_context_are_truncated_and_counted(offline, tiny_checkpoint, tmp_path, capsys):
     data = write_csv(tmp_path / "long.csv", long_every=5)
-    assert finetune(tiny_model, data, tmp_path / "run") == 0
+    assert finetune(tiny_checkpoint, data, tmp_path / "run") == 0
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["max_length"] == TINY.context_length  # the model's context, not 1024
+    assert metrics["max_length"] == TINY_REAL_VOCAB.context_length  # the model's context, not 1024
     n = metrics["truncated_texts"]["train"]
     assert n > 0 and f"truncated {n} training text(s) to 128 tokens (the model's context length" in out
     # --max-length sets it, and the adapter records it
-    assert finetune(tiny_model, data, tmp_path / "run20", "--max-length", 20) == 0
+    assert finetune(tiny_checkpoint, data, tmp_path / "run20", "--max-length", 20) == 0
     assert "to 20 tokens (--max-length)" in capsys.readouterr().out
     assert json.loads((tmp_path / "run20" / "adapter" / "adapter_config.json").read_text())["max_length"] == 20
-    assert finetune(tiny_model, data, tmp_path / "run500", "--max-length", 500) == 1
+    assert finetune(tiny_checkpoint, data, tmp_path / "run500", "--max-length", 500) == 1
     assert "--max-length 500 is longer than the model's context length (128 tokens)" in error_line(capsys)
 
 
-def test_rank_above_the_model_width_is_refused_before_the_data_loads(offline, tiny_model, tmp_path, capsys):
-    assert finetune(tiny_model, tmp_path / "no.csv", tmp_path / "run", "--rank", 32) == 1
+def test_rank_above_the_model_width_is_refused_before_the_data_loads(offline, tiny_checkpoint, tmp_path, capsys):
+    assert finetune(tiny_checkpoint, tmp_path / "no.csv", tmp_path / "run", "--rank", 32) == 1
     assert "--rank 32 exceeds the width" in error_line(capsys)
 
 
 @pytest.mark.parametrize("targets", ["bogus", "c_attn.q,bogus", "h.7.mlp.c_fc"])
-def test_targets_naming_no_layer_are_refused_before_any_work(offline, tiny_model, tmp_path, capsys, targets):
+def test_targets_naming_no_layer_are_refused_before_any_work(offline, tiny_checkpoint, tmp_path, capsys, targets):
     # the data file does not exist: reaching it would report that instead
-    rc = finetune(tiny_model, tmp_path / "no.csv", tmp_path / "run", "--targets", targets)
+    rc = finetune(tiny_checkpoint, tmp_path / "no.csv", tmp_path / "run", "--targets", targets)
     captured = capsys.readouterr()
     assert rc == 1
     assert "Traceback" not in captured.err
@@ -209,7 +202,7 @@ def test_finetune_targets_that_name_layers_pass_the_check():
     from minilora.finetune import FinetuneOptions, _check_targets
 
     for targets in ("all", "attention", "c_attn.q,out_head", "h.1.mlp.*"):
-        _check_targets(FinetuneOptions(targets=targets), TINY)  # out_head: the classifier head finetune adds
+        _check_targets(FinetuneOptions(targets=targets), TINY_REAL_VOCAB)  # out_head: the classifier head finetune adds
 
 
 def test_metrics_json_never_holds_nan():
@@ -219,9 +212,9 @@ def test_metrics_json_never_holds_nan():
     assert json.loads(text) == {"a": None, "b": [None, 1.0], "c": {"d": None}}
 
 
-def test_divergence_names_no_checkpoint_that_does_not_exist(offline, tiny_model, tmp_path, monkeypatch, capsys):
+def test_divergence_names_no_checkpoint_that_does_not_exist(offline, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_mod, "train_step", lambda model, *a, **k: model.xp.asarray(np.nan))
-    assert finetune(tiny_model, write_csv(tmp_path / "d.csv"), tmp_path / "run") == 1
+    assert finetune(tiny_checkpoint, write_csv(tmp_path / "d.csv"), tmp_path / "run") == 1
     line = error_line(capsys)
     assert "loss became nan at step 0" in line and "No checkpoint was written before it" in line
     assert not (tmp_path / "run" / "checkpoint").exists()
@@ -248,32 +241,32 @@ def _fill_disk_when(module, condition, monkeypatch):
     return real
 
 
-def test_full_disk_during_the_checkpoint(offline, tiny_model, tmp_path, monkeypatch, capsys):
+def test_full_disk_during_the_checkpoint(offline, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     data, out = write_csv(tmp_path / "d.csv"), tmp_path / "run"
     real = _fill_disk_when(train_mod, lambda p: p.name == "optimizer.safetensors", monkeypatch)
-    assert finetune(tiny_model, data, out) == 1
+    assert finetune(tiny_checkpoint, data, out) == 1
     line = error_line(capsys)
     assert line == (f"minilora finetune: error: cannot write {out / 'checkpoint'}: No space left on device "
                     f"(check --output-dir {out})")
     assert leftovers(out) == [] and not (out / "checkpoint").exists()
     monkeypatch.setattr(train_mod, "save_file", real)  # space is back
-    assert finetune(tiny_model, data, out, "--resume") == 0
+    assert finetune(tiny_checkpoint, data, out, "--resume") == 0
     assert (out / "metrics.json").is_file() and leftovers(out) == []
 
 
-def test_full_disk_during_the_adapter_save(offline, tiny_model, tmp_path, monkeypatch, capsys):
+def test_full_disk_during_the_adapter_save(offline, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     from minilora import adapters
 
     data, out = write_csv(tmp_path / "d.csv"), tmp_path / "run"
     # the adapter is written in a temporary folder .adapter.<random>.part beside where it goes
     real = _fill_disk_when(adapters, lambda p: p.parent.parent == out and p.parent.name.startswith(".adapter."),
                            monkeypatch)
-    assert finetune(tiny_model, data, out) == 1
+    assert finetune(tiny_checkpoint, data, out) == 1
     line = error_line(capsys)
     assert f"cannot write {out / 'adapter'}: No space left on device" in line
     assert leftovers(out) == [] and not (out / "adapter").exists()
     monkeypatch.setattr(adapters, "save_file", real)
-    assert finetune(tiny_model, data, out, "--resume") == 0  # the finished checkpoint gives the adapter
+    assert finetune(tiny_checkpoint, data, out, "--resume") == 0  # the finished checkpoint gives the adapter
     assert (out / "adapter" / "adapter.safetensors").is_file() and leftovers(out) == []
 
 
@@ -283,19 +276,19 @@ def _mount_tmpfs(folder, size):
                           capture_output=True).returncode == 0
 
 
-def test_a_real_full_file_system(offline, tiny_model, tmp_path, capsys):
+def test_a_real_full_file_system(offline, tiny_checkpoint, tmp_path, capsys):
     """A size-limited tmpfs where this machine lets us mount one (root), filled by the checkpoint."""
     disk = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
     if shutil.which("mount") is None or not _mount_tmpfs(disk, "16k"):
         pytest.skip("cannot mount a tmpfs here (needs root); test_full_disk_during_* simulate ENOSPC")
     try:
         data, out = write_csv(tmp_path / "d.csv"), disk / "run"
-        assert finetune(tiny_model, data, out) == 1
+        assert finetune(tiny_checkpoint, data, out) == 1
         line = error_line(capsys)
         assert f"cannot write {out / 'checkpoint'}: No space left on device (check --output-dir" in line
         assert leftovers(disk) == []
         subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)  # space is back
-        assert finetune(tiny_model, data, out, "--resume") == 0
+        assert finetune(tiny_checkpoint, data, out, "--resume") == 0
         assert (out / "metrics.json").is_file() and leftovers(disk) == []
     finally:
         subprocess.run(["umount", str(disk)])
@@ -317,14 +310,14 @@ def test_a_failed_checkpoint_keeps_the_previous_one(tiny_cfg, tmp_path, monkeypa
     assert train_mod.has_checkpoint(ckpt) and train_mod.read_loop_state(ckpt).step == 1
 
 
-def test_output_dir_that_cannot_be_a_folder(offline, tiny_model, tmp_path, capsys):
+def test_output_dir_that_cannot_be_a_folder(offline, tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
-    assert finetune(tiny_model, write_csv(tmp_path / "d.csv"), tmp_path / "file" / "run") == 1
+    assert finetune(tiny_checkpoint, write_csv(tmp_path / "d.csv"), tmp_path / "file" / "run") == 1
     line = error_line(capsys)
     assert f"cannot write {tmp_path / 'file' / 'run'}" in line and "--output-dir" in line
 
 
-def test_sigterm_saves_a_checkpoint_like_ctrl_c(offline, tiny_model, tmp_path, monkeypatch, capsys):
+def test_sigterm_saves_a_checkpoint_like_ctrl_c(offline, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     data, out = write_csv(tmp_path / "d.csv"), tmp_path / "run"
     real_step, calls = train_mod.train_step, []
 
@@ -335,39 +328,39 @@ def test_sigterm_saves_a_checkpoint_like_ctrl_c(offline, tiny_model, tmp_path, m
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train_mod, "train_step", terminated)
-    assert finetune(tiny_model, data, out) == 143
+    assert finetune(tiny_checkpoint, data, out) == 143
     captured = capsys.readouterr()
     # the step under way when the signal came (the third, step 2) completes first
     assert "saved a checkpoint at step 3" in captured.out and "terminated (SIGTERM)" in captured.err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI put the handler back
     monkeypatch.setattr(train_mod, "train_step", real_step)
-    assert finetune(tiny_model, data, out, "--resume") == 0
+    assert finetune(tiny_checkpoint, data, out, "--resume") == 0
 
 
-def test_resume_extends_a_finished_run(offline, tiny_model, tmp_path, capsys):
+def test_resume_extends_a_finished_run(offline, tiny_checkpoint, tmp_path, capsys):
     data = write_csv(tmp_path / "d.csv")
-    assert finetune(tiny_model, data, tmp_path / "straight", "--epochs", 3) == 0
-    assert finetune(tiny_model, data, tmp_path / "run", "--epochs", 2) == 0
-    assert finetune(tiny_model, data, tmp_path / "run", "--epochs", 3, "--resume") == 0
+    assert finetune(tiny_checkpoint, data, tmp_path / "straight", "--epochs", 3) == 0
+    assert finetune(tiny_checkpoint, data, tmp_path / "run", "--epochs", 2) == 0
+    assert finetune(tiny_checkpoint, data, tmp_path / "run", "--epochs", 3, "--resume") == 0
     assert "Extending the run" in capsys.readouterr().out
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "run"))
     assert b["steps"] == a["steps"] == 15
     assert (tmp_path / "straight" / "history.csv").read_text().count("\n") == \
         (tmp_path / "run" / "history.csv").read_text().count("\n")
     assert a["test_accuracy"] == b["test_accuracy"] and a["final_train_loss"] == b["final_train_loss"]
-    assert finetune(tiny_model, data, tmp_path / "run", "--epochs", 2, "--resume") == 1
+    assert finetune(tiny_checkpoint, data, tmp_path / "run", "--epochs", 2, "--resume") == 1
     assert "has already trained 3 epoch(s); resume with --epochs 3 or more" in error_line(capsys)
 
 
-def test_by_length_run_resumes_and_is_recorded(offline, tiny_model, tmp_path, capsys):
+def test_by_length_run_resumes_and_is_recorded(offline, tiny_checkpoint, tmp_path, capsys):
     data = write_csv(tmp_path / "d.csv", rows=60)  # 42 training examples: 10 batches of 4
-    assert finetune(tiny_model, data, tmp_path / "straight", "--epochs", 3, "--batching", "by_length") == 0
+    assert finetune(tiny_checkpoint, data, tmp_path / "straight", "--epochs", 3, "--batching", "by_length") == 0
     assert "training batches by_length, padded per batch" in capsys.readouterr().out
-    assert finetune(tiny_model, data, tmp_path / "run", "--epochs", 2, "--batching", "by_length") == 0
+    assert finetune(tiny_checkpoint, data, tmp_path / "run", "--epochs", 2, "--batching", "by_length") == 0
     # resuming needs the same batching; a run folder from before the option ran shuffled
-    assert finetune(tiny_model, data, tmp_path / "run", "--epochs", 3, "--resume") == 1
+    assert finetune(tiny_checkpoint, data, tmp_path / "run", "--epochs", 3, "--resume") == 1
     assert "batching: 'by_length' -> 'shuffled'" in capsys.readouterr().err
-    assert finetune(tiny_model, data, tmp_path / "run", "--epochs", 3, "--resume", "--batching", "by_length") == 0
+    assert finetune(tiny_checkpoint, data, tmp_path / "run", "--epochs", 3, "--resume", "--batching", "by_length") == 0
     a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("straight", "run"))
     assert a["steps"] == b["steps"] == 30 and a["train_batches"] == 10
     assert a["test_accuracy"] == b["test_accuracy"] and a["final_train_loss"] == b["final_train_loss"]
@@ -376,22 +369,22 @@ def test_by_length_run_resumes_and_is_recorded(offline, tiny_model, tmp_path, ca
     assert (config["batching"], config["pad"]) == ("by_length", "longest_in_batch")
 
 
-def test_run_folder_from_before_batching_resumes(offline, tiny_model, tmp_path, capsys):
+def test_run_folder_from_before_batching_resumes(offline, tiny_checkpoint, tmp_path, capsys):
     data = write_csv(tmp_path / "d.csv")
-    assert finetune(tiny_model, data, tmp_path / "run") == 0
+    assert finetune(tiny_checkpoint, data, tmp_path / "run") == 0
     cfg_path = tmp_path / "run" / "run_config.json"
     saved = json.loads(cfg_path.read_text())
     assert saved.pop("batching") == "shuffled"
     cfg_path.write_text(json.dumps(saved))  # as an older minilora wrote it
-    assert finetune(tiny_model, data, tmp_path / "run", "--epochs", 2, "--resume") == 0
+    assert finetune(tiny_checkpoint, data, tmp_path / "run", "--epochs", 2, "--resume") == 0
 
 
 # ----------------------------------------------------------------------------- adapters
 
 
-def test_adapter_is_self_describing(offline, tiny_model, tmp_path, monkeypatch, capsys):
+def test_adapter_is_self_describing(offline, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     data = write_csv(tmp_path / "d.csv")
-    relative_model = shutil.copytree(tiny_model, tmp_path / "models" / "tiny")
+    relative_model = shutil.copytree(tiny_checkpoint, tmp_path / "models" / "tiny")
     monkeypatch.chdir(tmp_path / "models")
     assert finetune("tiny", data, tmp_path / "run", "--pool", "last_real", "--pad", "longest_in_batch",
                     "--max-length", 30) == 0
@@ -410,8 +403,8 @@ def test_adapter_is_self_describing(offline, tiny_model, tmp_path, monkeypatch, 
     assert capsys.readouterr().out.split("\t")[0] in ("food", "sport")
 
 
-def test_evaluate_refuses_labels_the_adapter_does_not_know(offline, tiny_model, tmp_path, capsys):
-    assert finetune(tiny_model, write_csv(tmp_path / "d.csv"), tmp_path / "run") == 0
+def test_evaluate_refuses_labels_the_adapter_does_not_know(offline, tiny_checkpoint, tmp_path, capsys):
+    assert finetune(tiny_checkpoint, write_csv(tmp_path / "d.csv"), tmp_path / "run") == 0
     other = write_csv(tmp_path / "other.csv", words={"tech": "laptop code chip", "food": "pizza soup"})
     capsys.readouterr()
     assert cli.main(["evaluate", "--adapter", str(tmp_path / "run" / "adapter"), "--data", str(other)]) == 1
@@ -420,9 +413,9 @@ def test_evaluate_refuses_labels_the_adapter_does_not_know(offline, tiny_model, 
     assert "the adapter's classes are ['food', 'sport'], the data's ['food', 'tech']" in line
 
 
-def test_evaluate_train_scores_every_example(offline, tiny_model, tmp_path, monkeypatch, capsys):
+def test_evaluate_train_scores_every_example(offline, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     data = write_csv(tmp_path / "d.csv")  # 21 training examples: 5 batches of 4 and one of 1
-    assert finetune(tiny_model, data, tmp_path / "run") == 0
+    assert finetune(tiny_checkpoint, data, tmp_path / "run") == 0
     scored, real = [], train_mod.evaluate
 
     def counting(model, batches, *args, **kwargs):
@@ -440,9 +433,9 @@ def test_evaluate_train_scores_every_example(offline, tiny_model, tmp_path, monk
 # ----------------------------------------------------------------------------- silent guesses
 
 
-def test_checkpoint_without_config_warns_of_the_guessed_heads(offline, tiny_model, tmp_path, capsys):
+def test_checkpoint_without_config_warns_of_the_guessed_heads(offline, tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "bare").mkdir()
-    shutil.copy(tiny_model / "model.safetensors", tmp_path / "bare")
+    shutil.copy(tiny_checkpoint / "model.safetensors", tmp_path / "bare")
     with pytest.warns(UserWarning, match=r"no config.json beside it: guessed n_heads = 1 \(width 16 / 64"):
         ml.GPTModel.from_pretrained(tmp_path / "bare")
     assert cli.main(["generate", "--model", str(tmp_path / "bare"), "--max-new-tokens", "1", "Hi"]) == 0

@@ -1,7 +1,6 @@
 """minilora.data on the real SMS Spam Collection: the book's numbers, batches, your own files."""
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest

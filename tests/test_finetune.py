@@ -11,19 +11,12 @@ import pytest
 import minilora as ml
 from minilora import cli
 from minilora import train as train_mod
-from minilora.weights import save_pretrained
 
-TINY = ml.GPTConfig(vocab_size=50257, context_length=128, emb_dim=16, n_heads=2, n_layers=2)
+from fixtures_weights import TINY_REAL_VOCAB
+
 KEYS = ["train_examples", "val_examples", "test_examples", "max_length", "train_batches", "val_batches",
         "test_batches", "total_params", "trainable_params", "train_accuracy", "val_accuracy",
         "test_accuracy", "seconds"]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    save_pretrained(ml.GPTModel(TINY, seed=0), folder)
-    return folder
 
 
 @pytest.fixture
@@ -48,8 +41,8 @@ def test_finetune_end_to_end(minilora_home, served_model, tmp_path, capsys):
     assert (metrics["train_examples"], metrics["val_examples"], metrics["test_examples"]) == (1045, 149, 300)
     assert (metrics["train_batches"], metrics["val_batches"], metrics["test_batches"]) == (130, 19, 38)
     assert metrics["max_length"] == 120 and metrics["steps"] == 130
-    head = TINY.emb_dim * 2 + 2
-    base = sum(int(np.prod(s)) for s in ml.model.param_shapes(TINY).values())
+    head = TINY_REAL_VOCAB.emb_dim * 2 + 2
+    base = sum(int(np.prod(s)) for s in ml.config.param_shapes(TINY_REAL_VOCAB).values())
     lora = 2 * (3 * (16 * 4 + 4 * 16) + (16 * 4 + 4 * 16) + (16 * 4 + 4 * 64) + (64 * 4 + 4 * 16)) + (16 * 4 + 4 * 2)
     assert metrics["trainable_params"] == lora and metrics["total_params"] == base + head + lora
     assert 0.0 <= metrics["test_accuracy"] <= 1.0

@@ -6,7 +6,7 @@ import pytest
 import minilora as ml
 from minilora.backend import to_numpy
 from minilora.gradcheck import MODEL_TOL, check_model
-from minilora.model import param_shapes
+from minilora.config import param_shapes
 
 
 def test_whole_model_gradients_match_finite_differences(device, tiny_cfg, tiny_idx):

@@ -18,7 +18,7 @@ def random_params(cfg, seed=0):
     rng = np.random.default_rng(seed)
     return {n: rng.standard_normal(s) * (0.3 if len(s) > 1 else 0.1) + (1.0 if ".ln_" in n and n.endswith("weight")
                                                                            else 0.0)
-            for n, s in ml.model.param_shapes(cfg).items()}
+            for n, s in ml.config.param_shapes(cfg).items()}
 
 
 def plain_gpt2(P, idx, n_layers, n_heads):
