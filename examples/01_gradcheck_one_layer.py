@@ -12,6 +12,10 @@ def layernorm_forward(x, w, b, eps=1e-5):  # x: (B, T, C); w, b: (C,)
     mean = x.mean(-1, keepdims=True)  # [B, T, 1]
     rstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)  # [B, T, 1]
     n = (x - mean) * rstd  # [B, T, C], normalized
+    # The backward needs only n, w and rstd, so this caches n: a (B, T, C) array, the
+    # same memory as caching x would be, and the backward need not recompute n.
+    # minilora/layers.py caches x and recomputes n instead (as reference.py does, and as
+    # llm.c does, where x is kept alive anyway): docs/derivations.md#layernorm.
     return n * w + b, (n, w, rstd)
 
 

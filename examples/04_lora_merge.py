@@ -57,6 +57,7 @@ print(f"trained 100 steps (loss {float(loss):.4f}); the adapter moved the logits
 w = model.params["h.0.mlp.c_fc.weight"]
 w_before = w.copy()
 ml.merge_lora(model)  # W += s * A @ B for every adapter; the forward now skips the adapters
+w_merged_max = float(np.abs(w).max())  # the size of the merged float32 values, for the rounding below
 print(f"\nmerged:    max |logits - LoRA logits| = {np.abs(logits_of(model) - lora_logits).max():.1e}"
       f"   (h.0.mlp.c_fc.weight changed by max {np.abs(w - w_before).max():.3f})")
 ml.unmerge_lora(model)  # W -= s * A @ B
@@ -66,6 +67,15 @@ ml.disable_lora(model)  # the adapters are kept but skipped: the base model
 print(f"disabled:  max |logits - base logits| = {np.abs(logits_of(model) - base_logits).max():.1e}")
 ml.enable_lora(model)
 print(f"enabled:   max |logits - LoRA logits| = {np.abs(logits_of(model) - lora_logits).max():.1e}")
+# Why "unmerged", "disabled" and "enabled" are not exactly 0: merge and unmerge do not
+# round-trip exactly in float32. The merge stores W + s*A@B rounded to float32; the
+# unmerge subtracts a (rounded) s*A@B from that rounded sum and rounds again. So W comes
+# back only within about eps32 * |W + s*A@B| of what it was (the 1.5e-08 above), and
+# every later forward, with the adapters skipped (disabled) or not (enabled), runs on
+# that slightly moved W.
+eps32 = np.finfo(np.float32).eps
+print(f"           (not 0: merge + unmerge round W twice in float32, so W comes back within "
+      f"~eps32 * max|W + s A B| = {eps32 * w_merged_max:.1e}, not bit for bit)")
 
 with tempfile.TemporaryDirectory() as tmp:
     folder = ml.save_adapter(model, Path(tmp) / "adapter")  # the adapter and the replaced head

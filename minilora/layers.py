@@ -107,9 +107,13 @@ def layernorm_forward(x, w, b, eps=1e-5):
     x: (..., C); w, b: (C,). rstd = 1 / sqrt(var + eps), var the biased variance.
     reference.layernorm_forward is the one line (x - mean) * rstd * w + b; here the same
     arithmetic runs in place in the output's buffer, one (..., C) array instead of four.
-    The cache holds x, w and the small statistics (mean, rstd), not the normalized
-    x: the backward recomputes n = (x - mean) * rstd, one cheap pass, instead of
-    keeping a second (..., C) array alive (llm.c's doc/layernorm does the same).
+    The cache holds x, w and the small statistics (mean, rstd), and the backward
+    recomputes n = (x - mean) * rstd, as reference.layernorm_backward(dy, x, w, mean,
+    rstd) does. The backward needs only n, w, rstd, so caching n instead of x would cost
+    the same memory (both (..., C)); recomputing n saves memory only where x is kept
+    alive anyway, as in llm.c. Here nothing else keeps x (each residual x = x + a is a
+    new array), so the choice costs one elementwise pass and saves nothing: it keeps
+    the cache the reference's (docs/derivations.md#layernorm).
     """
     xp = get_array_module(x)
     mean = x.mean(axis=-1, keepdims=True)  # [..., 1]
@@ -130,14 +134,15 @@ def layernorm_backward(dout, cache, need_dparams=True):
       dw = sum over rows of dout * n
       db = sum over rows of dout
     The two mean terms come from mean and rstd depending on every x in the row
-    (derivation: docs/derivations.md#layernorm). The arithmetic of dx runs in place in
-    the buffers of dn and n (reference.layernorm_backward writes it as one expression).
+    (derivation: docs/derivations.md#layernorm). The steps of dx reuse the buffers of dn
+    and n: four (..., C) arrays in all (n, dn, dn * n and dout * n for dw), where the one
+    expression of reference.layernorm_backward makes nine.
     need_dparams=False (frozen w, b) returns None for dw and db without computing them.
     """
     x, w, mean, rstd = cache
     C = x.shape[-1]
     n = x - mean
-    n *= rstd  # recomputed, see the forward
+    n *= rstd  # recomputed from x, see the forward
     dn = dout * w
     dn_n = dn * n
     dw = db = None
@@ -299,7 +304,7 @@ def attention_forward(qkv, n_heads, dropout_p=0.0, rng=None, query_pos=None):
     Tq = q.shape[2]
     scale = qkv.dtype.type(1.0 / math.sqrt(hs))
     pre = q @ k.transpose(0, 1, 3, 2)  # [B, NH, Tq, hs] @ [B, NH, hs, T] -> [B, NH, Tq, T]
-    pre *= scale
+    pre *= scale  # from here on pre is the scaled scores, in the buffer of the product q k^T
     pre += causal_mask(positions, T, qkv.dtype, xp)  # a token never sees the future
     # softmax, subtracting the row max so exp never overflows; a query always sees
     # itself, so every row has a finite max and a non-zero sum
@@ -317,11 +322,12 @@ def attention_backward(dout, cache):
 
       forward: y = att_d v                so  datt_d = dy v^T,      dv = att_d^T dy
       forward: att_d = dropout(att)       so  datt = datt_d * mask
-      forward: att = softmax(s)           so  ds = att * (datt - sum_j(datt * att))
+      forward: att = softmax(pre + mask)  so  dpre = att * (datt - sum_j(datt * att))
                (masked entries have att = 0, so they get no gradient)
-      forward: s = scale * q k^T          so  dpre = scale * ds,
-                                              dq = dpre k,  dk = dpre^T q
-    (dpre, as the code names it, already includes the scale.) dout: (B, T, C), or (B, C)
+      forward: pre = scale * qk, qk = q k^T   so  dqk = scale * dpre,
+                                              dq = dqk k,  dk = dqk^T q
+    (pre is the scaled scores and dpre its gradient; dqk is the gradient at the unscaled
+    product q k^T, the same names as in reference.attention_backward.) dout: (B, T, C), or (B, C)
     with query_pos. Returns dqkv (B, T, 3C) with dq, dk, dv side by side as in the input;
     with query_pos, dq is zero off the query positions. Derivation:
     docs/derivations.md#attention (and #softmax).
@@ -334,13 +340,15 @@ def attention_backward(dout, cache):
     datt = dy @ v.transpose(0, 1, 3, 2)  # [B, NH, Tq, T]
     dv = att_d.transpose(0, 1, 3, 2) @ dy  # [B, NH, T, hs]
     (datt,) = dropout_backward(datt, drop_cache)
-    # softmax backward, in place in datt's buffer: dpre = att * (datt - rowsum(datt * att))
+    # softmax backward, in place in datt's buffer (the biggest of the attention, (B, NH, Tq, T)):
+    # dpre = att * (datt - rowsum(datt * att)), then dqk = scale * dpre, all in that one buffer
     datt -= (datt * att).sum(axis=-1, keepdims=True)
     datt *= att
-    datt *= scale
-    dpre = datt
-    dq = dpre @ k  # [B, NH, Tq, hs]
-    dk = dpre.transpose(0, 1, 3, 2) @ q  # [B, NH, T, hs]
+    dpre = datt  # the gradient at the scaled scores pre
+    dqk = dpre  # the same buffer, scaled in place: the gradient at the unscaled qk = q k^T
+    dqk *= scale
+    dq = dqk @ k  # [B, NH, Tq, hs]
+    dk = dqk.transpose(0, 1, 3, 2) @ q  # [B, NH, T, hs]
     dqkv = xp.empty((B, T, 3, NH, hs), dtype=dout.dtype)
     if query_pos is None:
         dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)  # [B, NH, T, hs] -> [B, T, NH, hs]
@@ -358,7 +366,7 @@ def attention_backward(dout, cache):
 def cross_entropy_forward(logits, targets):
     """Mean softmax cross-entropy: loss = mean_i(logsumexp(z_i) - z_i[y_i]).
 
-    logits: (N, K) float; targets: int (N,) in [0, K). Returns the loss as a 0-d array
+    logits: (N, V) float; targets: int (N,) in [0, V). Returns the loss as a 0-d array
     (reading it as a float would force a device sync on the GPU) and cache
     (probs, targets). The row max is subtracted before exp for stability.
     """
@@ -366,9 +374,9 @@ def cross_entropy_forward(logits, targets):
     N = logits.shape[0]
     z = logits - logits.max(axis=-1, keepdims=True)
     e = xp.exp(z)
-    s = e.sum(axis=-1, keepdims=True)
-    logp_true = z[xp.arange(N), targets] - xp.log(s[:, 0])
-    probs = e / s
+    sum_e = e.sum(axis=-1, keepdims=True)  # [N, 1]; log(sum_e) is the log-sum-exp of z
+    logp_true = z[xp.arange(N), targets] - xp.log(sum_e[:, 0])  # never the log of an underflowed prob
+    probs = e / sum_e
     return -logp_true.mean(), (probs, targets)
 
 

@@ -58,8 +58,8 @@ def _softmax_backward_without_row_sum(dout, cache):
     dy = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
     datt = dy @ v.transpose(0, 1, 3, 2)
     dv = att.transpose(0, 1, 3, 2) @ dy
-    dpre = att * datt * scale  # dropped: - sum_j(datt * att)
-    dq, dk = dpre @ k, dpre.transpose(0, 1, 3, 2) @ q
+    dqk = att * datt * scale  # dropped: - sum_j(datt * att)
+    dq, dk = dqk @ k, dqk.transpose(0, 1, 3, 2) @ q
     d = np.stack([dq, dk, dv], axis=2).transpose(0, 3, 2, 1, 4)  # [B, T, 3, NH, hs]
     return (d.reshape(B, T, 3 * NH * hs),)
 

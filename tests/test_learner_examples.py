@@ -1,6 +1,7 @@
 """The learner's examples (examples/0*.py) run as a learner runs them: a fresh process,
 offline, from another folder, and print what they claim to show."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +30,17 @@ def run_example(name, tmp_path):
 def numbers_after(label, text):
     """Every number printed right after `label` (e.g. 'relative error')."""
     return [float(x) for x in re.findall(re.escape(label) + r"\s*([-+0-9.e]+)", text)]
+
+
+def test_exercise_cross_entropy_is_stable():
+    """The stub's forward takes the log-softmax as z - logsumexp(z), as the derivation says:
+    a target with a probability that underflows to 0 (e^-1000) still has a finite loss, 1000."""
+    spec = importlib.util.spec_from_file_location("exercise_layers", ROOT / "examples" / "exercises" / "layers.py")
+    exercise = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exercise)
+    loss, (probs, _) = exercise.cross_entropy_forward(np.array([[1000.0, 0.0]]), np.array([1]))
+    assert probs[0, 1] == 0.0  # the probability itself underflowed: log(probs) would be -inf
+    assert float(loss) == 1000.0  # exact: z - max = [0, -1000], logsumexp = log(1 + e^-1000) = 0 in float64
 
 
 def test_01_gradcheck_one_layer(tmp_path):
@@ -72,6 +85,11 @@ def test_04_lora_merge(tmp_path):
     diffs = dict(re.findall(r"^(\w+):\s+max \|logits - .*?\| = ([-+0-9.e]+)", out, flags=re.M))
     assert set(diffs) == {"merged", "unmerged", "disabled", "enabled", "loaded"}
     assert all(float(d) < 1e-5 for d in diffs.values()), diffs  # float32 rounding only
+    # the printed reason: merge + unmerge move W by rounding, not 0 and not more than a few
+    # roundings (each at most eps32/2 relative, on values of about max|W + s A B|)
+    (back,) = numbers_after("back to within", out)
+    (rounding,) = numbers_after("max|W + s A B| =", out)
+    assert 0 < back <= 2 * rounding
     assert numbers_after("the adapter moved the logits by max", out)[0] > 0.1  # so the equalities mean something
     (on_disk,) = numbers_after("adapter folder on disk:", out.replace(",", ""))
     (model_bytes,) = numbers_after("the model's own parameters in float32:", out.replace(",", ""))

@@ -94,7 +94,7 @@ def layernorm_backward(dout, cache):
 
     Hint: with dn = dout * w, dx has three terms: the direct one (rstd * dn), one
     through the mean and one through rstd, because both depend on every x of the row.
-    See docs/derivations.md#layernorm (and examples/01_gradcheck_one_layer.py).
+    See docs/derivations.md#layernorm.
     """
     x, w, mean, rstd = cache
     raise NotImplementedError("layernorm_backward")
@@ -182,8 +182,10 @@ def attention_backward(dout, cache):
     dout (B, T, C), or (B, C) when the forward had query_pos.
 
     Hint: read the forward bottom-up, one line at a time: y = att_d v gives datt_d and
-    dv; dropout_backward gives datt; the softmax backward is
-    dpre = att * (datt - sum_j(datt * att)); pre = scale q k^T gives dq and dk. Masked
+    dv; dropout_backward gives datt; the softmax backward gives dpre, the gradient at
+    the scaled scores pre: dpre = att * (datt - sum_j(datt * att)). Then pre = scale * qk
+    with qk = q k^T: dqk = scale * dpre, and qk is a product of two inputs, so treat it
+    as a linear layer in q (weight k^T), then in k: dq = dqk k, dk = dqk^T q. Masked
     entries have att = 0, so they need no special case. With query_pos, dq is zero
     except at the query rows. See docs/derivations.md#softmax and #attention.
     """
@@ -195,12 +197,15 @@ def attention_backward(dout, cache):
 
 
 def cross_entropy_forward(logits, targets):
-    """loss = mean over rows of (logsumexp(z_i) - z_i[y_i]). logits: (N, K); targets:
-    int (N,). Returns the loss (a 0-d array) and cache (probs (N, K), targets)."""
+    """loss = mean over rows of (logsumexp(z_i) - z_i[y_i]). logits: (N, V); targets:
+    int (N,). Returns the loss (a 0-d array) and cache (probs (N, V), targets)."""
     N = logits.shape[0]
     z = logits - logits.max(axis=-1, keepdims=True)  # for a stable exp
     probs = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
-    return -np.log(probs[np.arange(N), targets]).mean(), (probs, targets)
+    # log-softmax as z - logsumexp(z), not log(probs): a target whose probability
+    # underflows to 0 would give log(0) = -inf (docs/derivations.md#cross-entropy)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))  # [N, V]
+    return -logp[np.arange(N), targets].mean(), (probs, targets)
 
 
 def cross_entropy_backward(dloss, cache):
