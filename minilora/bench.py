@@ -27,10 +27,15 @@ import numpy as np
 
 from . import backend
 from .config import GPTConfig, param_shapes
+from .errors import MiniloraError
 from .layers import cross_entropy_backward, cross_entropy_forward
 from .lora import apply_lora
 from .model import GPTModel, backward_extent
 from .optim import AdamW
+
+
+class BenchmarkError(MiniloraError, RuntimeError):
+    """A measurement could not be made (its helper process failed)."""
 
 
 class TrainStep:
@@ -144,7 +149,7 @@ def step_matmuls(model, batch, seq):
                       ((a_in, rows), (rows, r), True, False)] + [((rows, r), (r, a_in), False, True)] * need_dx
         return prods
 
-    def attention(Tq, backward):  # forward q k^T, att v; backward dy v^T, att^T dy, dpre k, dpre^T q
+    def attention(Tq, backward):  # forward q k^T, att v; backward dy v^T, att^T dy, dqk k, dqk^T q
         q, kT = (batch, NH, Tq, hs), (batch, NH, hs, T)
         att, kv = (batch, NH, Tq, T), (batch, NH, T, hs)
         attT, dy = (batch, NH, T, Tq), (batch, NH, Tq, hs)
@@ -281,7 +286,7 @@ def peak_rss(framework="minilora", preset="gpt2-small", batch=8, seq=120, rank=1
     out = subprocess.run([sys.executable, "-c", _RSS_CHILD, framework, json.dumps(cfg.to_dict()), str(batch),
                           str(seq), str(rank), json.dumps(targets), str(steps)], capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"the peak-RSS process failed:\n{out.stderr[-2000:]}")
+        raise BenchmarkError(f"the peak-RSS process failed:\n{out.stderr[-2000:]}")
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
 
 

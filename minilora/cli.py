@@ -62,16 +62,20 @@ def cmd_gradcheck(args):
     return 0 if passed else 1
 
 
+def _job_options(cls, args):
+    """A JobOptions subclass from the parsed arguments: each field from the option of its
+    name (the parser defines them from the same fields; see _add_job_options)."""
+    from dataclasses import fields
+
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    values["offline"] = args.offline or None  # None: $MINILORA_OFFLINE decides
+    return cls(**values)
+
+
 def cmd_finetune(args):
     from .finetune import FinetuneOptions, run_finetune
 
-    opts = FinetuneOptions(
-        model=args.model, data=args.data, recipe=args.recipe, rank=args.rank, alpha=args.alpha,
-        scaling=args.scaling, targets=args.targets, lr=args.lr, epochs=args.epochs,
-        batch_size=args.batch_size, eval_freq=args.eval_freq, eval_iter=args.eval_iter, pad=args.pad,
-        batching=args.batching, pool=args.pool, max_length=args.max_length, seed=args.seed, device=args.device,
-        dtype=args.dtype, output_dir=args.output_dir, offline=args.offline or None, resume=args.resume)
-    run_finetune(opts, log=lambda msg: print(msg, flush=True))
+    run_finetune(_job_options(FinetuneOptions, args), log=lambda msg: print(msg, flush=True))
     return 0
 
 
@@ -128,7 +132,7 @@ def _match_labels(data, config, n_out):
 
 def cmd_evaluate(args):
     from .data import BatchLoader, load_sms_spam, load_text_label_file
-    from .train import evaluate
+    from .tasks import evaluate
 
     config, settings = _read_adapter_settings(args)
     # the data first: it is quicker to load than the model and more often wrong
@@ -261,15 +265,54 @@ def cmd_bench(args):
 
 
 def _common(p, model_default="gpt2-small"):
+    from .backend import DTYPES
+
     p.add_argument("--model", default=model_default,
                    help="preset name (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl; downloaded and cached), "
                         "a model.safetensors file, or a folder with model.safetensors + config.json")
     p.add_argument("--device", default=None, help="cpu or cuda (default: $MINILORA_DEVICE or cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--offline", action="store_true", help="never touch the network (also MINILORA_OFFLINE=1)")
 
 
+def _add_job_options(p, cls, help_for=None):
+    """The options every fine-tuning job shares (minilora.train.JobOptions), with the
+    defaults and choices of the job's options class `cls`; help_for: {field: help} where a
+    job says more. The values are checked when the options object is made (exit 1, naming
+    the option), not here."""
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(cls)}
+    help_for = help_for or {}
+
+    def add(name, **kwargs):
+        p.add_argument("--" + name.replace("_", "-"), default=defaults[name], help=help_for.get(name),
+                       choices=cls.CHOICES.get(name), **kwargs)
+
+    _common(p, model_default=defaults["model"])
+    add("rank", type=int)
+    add("alpha", type=float)
+    add("scaling")
+    p.add_argument("--targets", default=defaults["targets"], help=help_for.get(
+        "targets", "all, attention, or comma-separated names/patterns (e.g. c_attn.q,c_attn.v,out_head)"))
+    add("lr", type=float)
+    add("weight_decay", type=float)
+    add("epochs", type=int)
+    add("batch_size", type=int)
+    add("eval_freq", type=int)
+    add("eval_iter", type=int)
+    add("max_length", type=int)
+    add("seed", type=int)
+    add("output_dir")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
+
+
 def build_parser():
+    from .backend import DTYPES
+    from .data import BATCHINGS, PAD_MODES, SPLITS
+    from .finetune import FinetuneOptions
+    from .tasks import POOLS
+
     parser = argparse.ArgumentParser(
         prog="minilora",
         description="GPT-2 with LoRA fine-tuning in NumPy/CuPy, every backward pass by hand.")
@@ -279,36 +322,26 @@ def build_parser():
     p = sub.add_parser("finetune", help="the appendix E job: LoRA spam classifier on GPT-2",
                        description="Fine-tune GPT-2 with LoRA as a classifier (appendix E of 'Build a Large "
                                    "Language Model (From Scratch)'); defaults reproduce the book's current notebook.")
-    _common(p)
+    _add_job_options(p, FinetuneOptions, help_for={
+        "scaling": "LoRA scaling (default: the recipe's)",
+        "lr": "learning rate (default: the recipe's)",
+        "eval_freq": "evaluate losses every N steps",
+        "eval_iter": "batches per evaluation",
+        "max_length": "pad and truncate texts to this many tokens (default: the longest training text, "
+                      "at most the model's context length; longer texts are truncated and counted)",
+        "output_dir": "run folder (default runs/appendix-e)"})
     p.add_argument("--data", default=None, help="a CSV/TSV of text,label rows (default: the SMS Spam Collection)")
-    p.add_argument("--recipe", default="notebook", choices=["notebook", "print"],
+    p.add_argument("--recipe", default="notebook", choices=FinetuneOptions.CHOICES["recipe"],
                    help="notebook: scaling alpha/r, lr 8e-4 (default); print: scaling alpha, lr 5e-5")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=16)
-    p.add_argument("--scaling", default=None, choices=["alpha_over_r", "alpha", "rslora"],
-                   help="LoRA scaling (default: the recipe's)")
-    p.add_argument("--targets", default="all",
-                   help="all, attention, or comma-separated names/patterns (e.g. c_attn.q,c_attn.v,out_head)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the recipe's)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-freq", type=int, default=50, help="evaluate losses every N steps")
-    p.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
-    p.add_argument("--pad", default=None, choices=["dataset", "longest_in_batch"],
+    p.add_argument("--pad", default=None, choices=PAD_MODES,
                    help="pad to the longest training text (the book; the default) or per batch "
                         "(the default with --batching by_length)")
-    p.add_argument("--batching", default="shuffled", choices=["shuffled", "by_length"],
+    p.add_argument("--batching", default="shuffled", choices=BATCHINGS,
                    help="shuffled (the book) or by_length: texts of similar length batched together and "
                         "padded per batch (about 1.7x fewer tokens than --pad longest_in_batch on SMS), "
                         "the training batches in a new order every epoch, evaluation batches grouped too")
-    p.add_argument("--pool", default="last", choices=["last", "last_real"],
+    p.add_argument("--pool", default="last", choices=POOLS,
                    help="classify from the last position (the book) or the last real token")
-    p.add_argument("--max-length", type=int, default=None,
-                   help="pad and truncate texts to this many tokens (default: the longest training text, "
-                        "at most the model's context length; longer texts are truncated and counted)")
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--output-dir", default="runs/appendix-e", help="run folder (default runs/appendix-e)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint")
     p.set_defaults(func=cmd_finetune)
 
     for name, helptext in (("evaluate", "accuracy of a trained adapter on data splits"),
@@ -316,17 +349,17 @@ def build_parser():
         p = sub.add_parser(name, help=helptext, description=helptext)
         _common(p, model_default=None)
         p.add_argument("--adapter", default="runs/appendix-e/adapter", help="adapter folder")
-        p.add_argument("--pool", default=None, choices=["last", "last_real"],
+        p.add_argument("--pool", default=None, choices=POOLS,
                        help="where to read the logits (default: as the adapter was trained)")
         p.add_argument("--max-length", type=_int_at_least(1), default=None,
                        help="pad / truncate texts to this many tokens (default: the adapter's training length)")
         if name == "evaluate":
             p.add_argument("--data", default=None, help="CSV/TSV of text,label rows (default: SMS spam)")
-            p.add_argument("--split", nargs="+", default=["test"], choices=["train", "val", "test"])
+            p.add_argument("--split", nargs="+", default=["test"], choices=SPLITS)
             p.add_argument("--batch-size", type=_int_at_least(1), default=8)
-            p.add_argument("--pad", default=None, choices=["dataset", "longest_in_batch"],
+            p.add_argument("--pad", default=None, choices=PAD_MODES,
                            help="padding (default: as the adapter was trained)")
-            p.add_argument("--batching", default=None, choices=["shuffled", "by_length"],
+            p.add_argument("--batching", default=None, choices=BATCHINGS,
                            help="in order (shuffled training) or grouped by length (default: as the adapter "
                                 "was trained)")
             p.add_argument("--json", action="store_true")
@@ -350,7 +383,7 @@ def build_parser():
                                    "is installed, peak memory, a per-layer breakdown and generation speed.")
     p.add_argument("--model", default="gpt2-small", help="preset whose shape to use (random weights)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: $MINILORA_DEVICE or cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--batch-size", type=_int_at_least(1), default=8)
     p.add_argument("--seq", type=_int_at_least(1), default=120)
     p.add_argument("--rank", type=_int_at_least(1), default=None, help="LoRA rank (default 16; not with --compare, "
@@ -439,6 +472,18 @@ def _check_bench_options(parser, args):
             parser.error(f"argument --out: the folder {folder} is not writable")
 
 
+def _user_errors():
+    """What a command reports as one line (anything else is a bug and keeps its traceback):
+    minilora's own errors; OSError (a file that cannot be read, a folder that cannot be
+    made); ValueError, which lora.py, model.py, config.py, weights.py, optim.py and
+    generate.py still raise for bad input; and BackendError (a missing CuPy or GPU), until
+    those derive from MiniloraError."""
+    from .backend import BackendError
+    from .errors import MiniloraError
+
+    return (MiniloraError, ValueError, OSError, BackendError)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -456,13 +501,12 @@ def main(argv=None):
     except KeyboardInterrupt as e:
         print("terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
-    except (ValueError, RuntimeError, OSError, KeyError) as e:
+    except _user_errors() as e:
         # every expected failure (bad input, download, checkpoint, data, a full disk) ends with one clear line
         from .files import WriteError
 
         where = _where(e.path, args) if isinstance(e, WriteError) else ""
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
-        print(f"minilora {args.command}: error: {message}{where}", file=sys.stderr)
+        print(f"minilora {args.command}: error: {e}{where}", file=sys.stderr)
         return 1
     finally:
         if in_main_thread:

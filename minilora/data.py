@@ -39,6 +39,7 @@ import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ import pandas as pd
 
 from .cache import cache_dir, is_offline
 from .download import DownloadError, download
+from .errors import MiniloraError
 from .files import atomic_path
 from .tokenizer import END_OF_TEXT_ID, get_tokenizer
 
@@ -53,6 +55,7 @@ SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collectio
 SMS_SPAM_FILE = "SMSSpamCollection"
 SMS_SPAM_ZIP = "sms+spam+collection.zip"
 SMS_CLASS_NAMES = ("ham", "spam")  # label ids 0 and 1, as in the book
+SPLITS = ("train", "val", "test")
 PAD_MODES = ("dataset", "longest_in_batch")
 BATCHINGS = ("shuffled", "by_length")
 # by_length sorts each chunk of this many batches' worth of examples (in shuffled order) by
@@ -62,7 +65,7 @@ BY_LENGTH_CHUNK_BATCHES = 50
 MISSING_VALUE_SPELLINGS = ("nan", "na", "n/a", "null", "none", "nil", "#n/a")
 
 
-class DataError(RuntimeError):
+class DataError(MiniloraError, RuntimeError):
     """A data file is missing, cannot be downloaded, or is not in the expected format."""
 
 
@@ -392,20 +395,28 @@ def collate(split, indices, pad_to="dataset"):
 class BatchLoader:
     """Iterate over a Split in batches, like torch's DataLoader with num_workers=0.
 
+    split:     the examples: anything with len() and `lengths` ((N,) int64 tokens per
+               example, which by_length groups by), and `max_length` for `batch_lengths`
+               with pad_to="dataset".
+    collate_fn: collate_fn(split, indices) -> one batch, a tuple whose first entry is the
+               (B, T) token ids (torch's name); None: the classifier's `collate` with
+               pad_to. The book's chapter 7 puts its masking in this function, so one
+               loader (its shuffling, length grouping, resumable epochs) serves every job.
     shuffle:   a new order every epoch from a NumPy Generator seeded with (seed, epoch),
                so a run is reproducible and a resumed run can continue with the same
                order (`set_epoch`, `epoch_batches`). Each `iter()` uses the current
                epoch, then advances it.
     drop_last: leave out the last incomplete batch (the book does so for training).
-    pad_to:    "dataset" or "longest_in_batch" (see `collate`).
+    pad_to:    "dataset" or "longest_in_batch" (see `collate`; and `batch_lengths`).
     batching:  "shuffled" (the book: consecutive examples of the shuffled order) or
                "by_length" (texts of similar length batched together; see `order`). Only
                padding per batch turns the grouping into less work; the loader does not
                insist on it (FinetuneOptions does).
-    Yields (idx (B, T), labels (B,), last_index (B,)), all int64 NumPy arrays.
+    Yields what collate_fn returns: by default (idx (B, T), labels (B,), last_index (B,)),
+    all int64 NumPy arrays.
     """
 
-    def __init__(self, split, batch_size=8, *, shuffle=False, drop_last=False, seed=123,
+    def __init__(self, split, batch_size=8, *, collate_fn=None, shuffle=False, drop_last=False, seed=123,
                  pad_to="dataset", batching="shuffled"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -415,6 +426,7 @@ class BatchLoader:
             raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
         self.split = split
         self.batch_size = batch_size
+        self.collate_fn = collate_fn or partial(collate, pad_to=pad_to)
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = seed
@@ -487,8 +499,7 @@ class BatchLoader:
         """
         order = self.order(epoch)
         for b in range(start, len(self)):
-            yield collate(self.split, order[b * self.batch_size:(b + 1) * self.batch_size],
-                          self.pad_to)
+            yield self.collate_fn(self.split, order[b * self.batch_size:(b + 1) * self.batch_size])
 
     def __iter__(self):
         # The epoch advances when iteration starts, not when the generator is first used.

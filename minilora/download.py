@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .cache import is_offline
+from .errors import MiniloraError
 from .files import WriteError, atomic_path
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: few Python-level iterations, little memory
@@ -30,7 +31,7 @@ DEFAULT_TIMEOUT = 30.0  # seconds without a byte from the server before giving u
 _USER_AGENT = "minilora/0.1 (Python urllib)"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(MiniloraError, RuntimeError):
     """A file could not be downloaded (or, offline, is not in the cache)."""
 
 

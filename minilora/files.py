@@ -22,12 +22,14 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from .errors import MiniloraError
+
 # What a write can fail with: the file system's OSError, and safetensors' own error type,
 # which it raises for I/O failures too ("I/O error: No space left on device (os error 28)").
 WRITE_FAILURES = (OSError, SafetensorError)
 
 
-class WriteError(RuntimeError):
+class WriteError(MiniloraError, RuntimeError):
     """A file or folder could not be written; `path` is where, `errno` why (or None)."""
 
     def __init__(self, path, exc):

@@ -37,14 +37,16 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, path, labe
     return path
 
 
-def plot_run(state, examples_per_epoch, folder):
-    """loss.png and accuracy.png of a finished LoopState into `folder`."""
+def plot_run(state, examples_per_epoch, folder, epoch_metrics=("accuracy",)):
+    """loss.png, and m.png for each m of epoch_metrics (a task's: train_m / val_m recorded
+    after each epoch), of a finished LoopState into `folder`; returns their paths."""
     evals = state.evals
     epochs = [e["examples_seen"] / examples_per_epoch for e in evals]
-    plot_values(epochs, [e["examples_seen"] for e in evals], [e["train_loss"] for e in evals],
-                [e["val_loss"] for e in evals], folder / "loss.png", "loss")
-    acc = state.epochs
-    plot_values([a["epoch"] for a in acc], [a["examples_seen"] for a in acc],
-                [a["train_accuracy"] for a in acc], [a["val_accuracy"] for a in acc],
-                folder / "accuracy.png", "accuracy")
-    return folder / "loss.png", folder / "accuracy.png"
+    paths = [plot_values(epochs, [e["examples_seen"] for e in evals], [e["train_loss"] for e in evals],
+                         [e["val_loss"] for e in evals], folder / "loss.png", "loss")]
+    ends = state.epochs
+    for metric in epoch_metrics:
+        paths.append(plot_values([e["epoch"] for e in ends], [e["examples_seen"] for e in ends],
+                                 [e[f"train_{metric}"] for e in ends], [e[f"val_{metric}"] for e in ends],
+                                 folder / f"{metric}.png", metric))
+    return tuple(paths)

@@ -27,6 +27,7 @@ import tiktoken
 
 from .cache import cache_dir as minilora_home, is_offline
 from .download import DownloadError, download, sha256_of
+from .errors import MiniloraError
 from .files import WriteError, atomic_path
 
 END_OF_TEXT = "<|endoftext|>"
@@ -43,7 +44,7 @@ TOKENIZER_FILES = {
 }
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(MiniloraError, RuntimeError):
     """The GPT-2 tokenizer files cannot be had (offline, missing or corrupt)."""
 
 

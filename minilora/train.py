@@ -1,41 +1,45 @@
-"""Fine-tuning a classifier: the loop of the book's appendix E, with checkpoints.
+"""One training loop for every task, with checkpoints: the loop of the book's appendix E.
 
-The loop is ``train_classifier_simple`` of Raschka's chapter 6 / appendix E:
-each step runs forward, the cross-entropy of the logits at one position per text,
-backward and AdamW; every ``eval_freq`` steps (starting at step 0, as the book's
-global_step starts at -1) the mean loss over ``eval_iter`` training and validation
-batches is recorded; after each epoch, the accuracy over ``eval_iter`` batches.
+The loop is ``train_classifier_simple`` of Raschka's chapter 6 / appendix E (and
+``train_model_simple`` of chapters 5 and 7, which differ only in what they count and
+what they do after an epoch): each step runs the task's forward and loss, backward and
+AdamW; every ``eval_freq`` steps (starting at step 0, as the book's global_step starts
+at -1) the mean loss over ``eval_iter`` training and validation batches is recorded;
+after each epoch, what the task records (the classifier: accuracies over ``eval_iter``
+batches). What differs between jobs lives in the task (minilora.tasks) and its batches.
 
 Beyond the book:
 - checkpoints (adapter + optimizer + loop state) written atomically after every
   epoch and on Ctrl-C, from which ``resume`` continues to the same result;
-- a NaN/inf loss stops the run with TrainingDiverged, keeping the last good checkpoint;
-- ``pool="last_real"`` reads the last real token instead of the last position.
+- a NaN/inf loss stops the run with TrainingDiverged, keeping the last good checkpoint.
 Library code does not print: progress goes to the ``log`` callback and a tqdm bar
 (on a terminal only).
 """
 
+import csv
+import io
 import json
 import math
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .adapters import load_adapter, write_adapter
-from .backend import to_numpy
-from .files import atomic_folder, recover_folder
-from .layers import cross_entropy_backward, cross_entropy_forward
+from .backend import DTYPES, to_numpy
+from .errors import CheckpointStateError, MiniloraError, OptionError, RunFolderError
+from .files import atomic_folder, recover_folder, write_text
+from .lora import SCALINGS
+from .tasks import ClassificationTask, evaluate  # noqa: F401  (evaluate: examples/appendix_e.py imports it from here)
 
-POOLS = ("last", "last_real")
 
-
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(MiniloraError, RuntimeError):
     """The loss became NaN or infinite."""
 
 
@@ -83,17 +87,13 @@ def interrupts_between_steps():
 class TrainConfig:
     epochs: int = 5  # passes over the training batches
     eval_freq: int = 50  # evaluate losses every this many steps
-    eval_iter: int = 5  # batches per evaluation (losses and epoch accuracies)
-    pool: str = "last"  # "last": position -1, as the book; "last_real": the last real token
-    max_grad_norm: float = None  # clip gradients to this global norm (None: off, as the book)
+    eval_iter: int = 5  # batches per evaluation (losses, and the task's end-of-epoch values)
     sync_every: int = None  # read losses back to the host every N steps (None: 1 on CPU, eval_freq on GPU)
 
     def __post_init__(self):
-        if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         for name in ("epochs", "eval_freq", "eval_iter"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise OptionError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -104,63 +104,53 @@ class LoopState:
     batch: int = 0  # batches of that epoch already done
     step: int = 0  # optimizer steps taken
     examples_seen: int = 0
-    history: list = field(default_factory=list)  # one dict per step (see train_classifier)
-    evals: list = field(default_factory=list)  # {step, epoch, examples_seen, train_loss, val_loss}
-    epochs: list = field(default_factory=list)  # {epoch, examples_seen, train_accuracy, val_accuracy}
+    # token positions seen, padding included (the book's tokens_seen); None: not counted, as in
+    # a checkpoint written before this field existed (its earlier steps cannot be recounted)
+    tokens_seen: int = 0
+    task: str = "classification"  # the task that wrote the state (older states: the classifier)
+    history: list = field(default_factory=list)  # one dict per step (see train)
+    evals: list = field(default_factory=list)  # {step, epoch, examples_seen, tokens_seen, train_loss, val_loss}
+    epochs: list = field(default_factory=list)  # {epoch, examples_seen, tokens_seen, what the task's end_of_epoch records}
     done: bool = False
     seconds: float = 0.0  # training-loop wall time, summed over every segment of a resumed run
     segment_seconds: float = 0.0  # the part of `seconds` spent in the latest segment
 
+    @classmethod
+    def from_dict(cls, saved, source):
+        """A LoopState from its saved dict; a field the dict lacks takes the value that a
+        state written before the field existed means (tokens_seen: None, not counted)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            raise CheckpointStateError(f"{source}: unknown loop state field(s) {unknown}; it was written "
+                                       f"by another version of minilora")
+        return cls(**{"tokens_seen": None, **saved})
 
-# ---------------------------------------------------------------------------- one batch
+
+# ---------------------------------------------------------------------------- one step
 
 
-def _positions(idx, last_index, pool):
-    return np.full(idx.shape[0], idx.shape[1] - 1) if pool == "last" else np.asarray(last_index)
-
-
-def batch_logits(model, idx, last_index, pool="last", keep_cache=False):
-    """Class logits (B, K) read at one position per text."""
-    return model.forward(idx, keep_cache=keep_cache, positions=_positions(idx, last_index, pool))
-
-
-def train_step(model, opt, idx, labels, last_index, pool="last"):
-    """forward, loss, backward, AdamW: one step. Returns the loss as a 0-d array."""
-    logits = batch_logits(model, idx, last_index, pool, keep_cache=True)  # [B, K]
-    loss, cache = cross_entropy_forward(logits, model.xp.asarray(labels))
-    (dlogits,) = cross_entropy_backward(1.0, cache)
+def train_step(model, opt, task, batch):
+    """forward and loss (the task's), backward, AdamW: one step. Returns the loss (0-d array)."""
+    loss, dlogits = task.step(model, batch)
     opt.step(model.backward(dlogits))
     return loss
-
-
-def evaluate(model, batches, num_batches=None, pool="last"):
-    """Mean loss and accuracy over the first num_batches of `batches` (all when None)."""
-    model.eval()
-    losses, correct, total = [], 0, 0
-    try:
-        for i, (idx, labels, last_index) in enumerate(batches):
-            if num_batches is not None and i >= num_batches:
-                break
-            logits = batch_logits(model, idx, last_index, pool)
-            loss, _ = cross_entropy_forward(logits, model.xp.asarray(labels))
-            losses.append(float(loss))
-            correct += int((to_numpy(logits.argmax(axis=-1)) == labels).sum())
-            total += len(labels)
-    finally:
-        model.train()
-    if not total:
-        return float("nan"), float("nan")
-    return float(np.mean(losses)), correct / total
 
 
 # ---------------------------------------------------------------------------- the loop
 
 
-def train_classifier(model, opt, train_loader, val_loader, config=None, *, checkpoint_dir=None,
-                     state=None, log=None, progress=None):
-    """The book's training loop; returns the final LoopState.
+def train(model, opt, task, train_loader, val_loader, config=None, *, checkpoint_dir=None, state=None,
+          log=None, progress=None):
+    """The book's training loop for any task (see minilora.tasks); returns the final LoopState.
 
-    train_loader / val_loader: minilora.data.BatchLoader (train shuffled per epoch).
+    Each step: the task's loss on one batch, backward, AdamW. Every eval_freq steps (from
+    step 0, as the book's global_step starts at -1) the task's mean loss over eval_iter
+    training and validation batches is recorded; after each epoch, what the task's
+    end_of_epoch records from eval_iter batches of each.
+
+    train_loader / val_loader: minilora.data.BatchLoader (train shuffled per epoch), or
+    anything with len() and epoch_batches(epoch, start=0).
     checkpoint_dir: where to keep the latest checkpoint (None: no checkpoints).
     state: a LoopState to continue from (see load_checkpoint); None starts afresh.
     log: a function of one string (None: silent). progress: show a tqdm bar
@@ -168,9 +158,12 @@ def train_classifier(model, opt, train_loader, val_loader, config=None, *, check
     """
     config = config or TrainConfig()
     if len(train_loader) == 0:  # would "train" 0 steps and report NaN accuracies
-        raise ValueError(f"the training loader has no batch: {len(train_loader.split)} examples, batch size "
-                         f"{train_loader.batch_size}{', last incomplete batch dropped' if train_loader.drop_last else ''}")
-    state = state or LoopState()
+        raise OptionError(f"the training loader has no batch: {len(train_loader.split)} examples, batch size "
+                          f"{train_loader.batch_size}{', last incomplete batch dropped' if train_loader.drop_last else ''}")
+    state = state or LoopState(task=task.name)
+    if state.task != task.name:
+        raise CheckpointStateError(f"the checkpoint was written by a {state.task} run; it cannot continue as "
+                                   f"a {task.name} run")
     log = log or (lambda msg: None)
     bar = _progress_bar(config.epochs * len(train_loader), state.step, progress)
     t_start, seconds_before = time.perf_counter(), state.seconds
@@ -178,6 +171,12 @@ def train_classifier(model, opt, train_loader, val_loader, config=None, *, check
     def clock():  # keep the wall time current before every checkpoint
         state.segment_seconds = time.perf_counter() - t_start
         state.seconds = seconds_before + state.segment_seconds
+
+    def seen():
+        return {"examples_seen": state.examples_seen, "tokens_seen": state.tokens_seen}
+
+    def first(loader, epoch):  # the eval_iter batches an evaluation reads
+        return islice(loader.epoch_batches(epoch), config.eval_iter)
 
     # losses stay on the device until read back together: on a GPU that is the one host
     # round trip of training, made every eval_freq steps; on the CPU it is free, every step
@@ -204,35 +203,35 @@ def train_classifier(model, opt, train_loader, val_loader, config=None, *, check
     between_steps, restore_signals = interrupts_between_steps()
     try:
         while state.epoch < config.epochs:
-            for idx, labels, last_index in train_loader.epoch_batches(state.epoch, start=state.batch):
-                loss = train_step(model, opt, idx, labels, last_index, config.pool)
-                state.examples_seen += len(labels)
+            for batch in train_loader.epoch_batches(state.epoch, start=state.batch):
+                loss = train_step(model, opt, task, batch)
+                state.examples_seen += batch[0].shape[0]  # the token ids (B, T) come first
+                if state.tokens_seen is not None:
+                    state.tokens_seen += batch[0].size
                 clock()
-                row = {"step": state.step, "epoch": state.epoch + 1, "examples_seen": state.examples_seen,
-                       "lr": opt.last_lr, "batch_loss": None, "seconds": round(state.seconds, 3)}
+                row = {"step": state.step, "epoch": state.epoch + 1, **seen(), "lr": opt.last_lr,
+                       "batch_loss": None, "seconds": round(state.seconds, 3)}
                 state.history.append(row)
                 pending.append((row, loss))
                 if len(pending) >= sync_every:
                     flush()
                 if state.step % config.eval_freq == 0:
                     flush()
-                    tr = evaluate(model, train_loader.epoch_batches(state.epoch), config.eval_iter, config.pool)
-                    va = evaluate(model, val_loader.epoch_batches(0), config.eval_iter, config.pool)
-                    state.evals.append({"step": state.step, "epoch": state.epoch + 1,
-                                        "examples_seen": state.examples_seen,
-                                        "train_loss": tr[0], "val_loss": va[0]})
+                    train_loss = task.evaluate(model, first(train_loader, state.epoch))["loss"]
+                    val_loss = task.evaluate(model, first(val_loader, 0))["loss"]
+                    state.evals.append({"step": state.step, "epoch": state.epoch + 1, **seen(),
+                                        "train_loss": train_loss, "val_loss": val_loss})
                     log(f"Ep {state.epoch + 1} (Step {state.step:06d}): "
-                        f"Train loss {tr[0]:.3f}, Val loss {va[0]:.3f}")
+                        f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
                 state.step += 1
                 state.batch += 1
                 bar.update(1)
                 between_steps()  # a Ctrl-C or SIGTERM received during the step stops here
             flush()
-            tr_acc = evaluate(model, train_loader.epoch_batches(state.epoch), config.eval_iter, config.pool)[1]
-            va_acc = evaluate(model, val_loader.epoch_batches(0), config.eval_iter, config.pool)[1]
-            state.epochs.append({"epoch": state.epoch + 1, "examples_seen": state.examples_seen,
-                                 "train_accuracy": tr_acc, "val_accuracy": va_acc})
-            log(f"Training accuracy: {tr_acc * 100:.2f}% | Validation accuracy: {va_acc * 100:.2f}%")
+            values, line = task.end_of_epoch(model, first(train_loader, state.epoch), first(val_loader, 0))
+            state.epochs.append({"epoch": state.epoch + 1, **seen(), **values})
+            if line:
+                log(line)
             state.epoch += 1
             state.batch = 0
             clock()
@@ -259,6 +258,12 @@ def train_classifier(model, opt, train_loader, val_loader, config=None, *, check
         restore_signals()
         bar.close()
     return state
+
+
+def train_classifier(model, opt, train_loader, val_loader, config=None, *, pool="last", **kwargs):
+    """`train` with the book's classification task (minilora.tasks.ClassificationTask):
+    the entry point of examples/appendix_e.py."""
+    return train(model, opt, ClassificationTask(pool), train_loader, val_loader, config, **kwargs)
 
 
 def _progress_bar(total, initial, progress):
@@ -299,7 +304,7 @@ def has_checkpoint(folder):
 
 def load_checkpoint(folder, model, opt):
     """Restore adapter (into a model without LoRA), optimizer and dropout generator from
-    `folder`; returns the LoopState to pass to train_classifier."""
+    `folder`; returns the LoopState to pass to train."""
     folder = Path(folder)
     meta = _read_state(folder)
     load_adapter(model, folder / ADAPTER_DIR)
@@ -307,20 +312,191 @@ def load_checkpoint(folder, model, opt):
     opt_state = dict(meta["optimizer"])
     opt_state["m"] = {k[2:]: a for k, a in tensors.items() if k.startswith("m/")}
     opt_state["v"] = {k[2:]: a for k, a in tensors.items() if k.startswith("v/")}
-    opt.load_state_dict(opt_state)
+    try:
+        opt.load_state_dict(opt_state)
+    except KeyError as e:  # moments for parameters the adapter lacks: a damaged checkpoint
+        raise CheckpointStateError(f"{folder / OPTIMIZER_FILE}: {e.args[0]}") from e
     model._dropout_rng.bit_generator.state = meta["dropout_rng"]
-    return LoopState(**meta["loop"])
+    return LoopState.from_dict(meta["loop"], folder / STATE_FILE)
 
 
 def read_loop_state(folder):
     """The LoopState of the checkpoint in `folder` alone (how far the run got), cheaply."""
-    return LoopState(**_read_state(Path(folder))["loop"])
+    folder = Path(folder)
+    return LoopState.from_dict(_read_state(folder)["loop"], folder / STATE_FILE)
+
+
+STATE_KEYS = ("loop", "optimizer", "dropout_rng")
 
 
 def _read_state(folder):
+    """state.json, checked as a whole: valid JSON holding every key a resume reads."""
     if not has_checkpoint(folder):
         raise FileNotFoundError(f"no checkpoint in {folder}")
+    path = folder / STATE_FILE
     try:
-        return json.loads((folder / STATE_FILE).read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / STATE_FILE} is not valid JSON ({e}): the checkpoint is damaged") from e
+        raise CheckpointStateError(f"{path} is not valid JSON ({e}): the checkpoint is damaged") from e
+    missing = [k for k in STATE_KEYS if not isinstance(meta, dict) or not isinstance(meta.get(k), dict)]
+    if missing:
+        raise CheckpointStateError(f"{path} lacks {', '.join(missing)}: the checkpoint is damaged")
+    return meta
+
+
+# ---------------------------------------------------------------------------- the options every job shares
+
+
+def option_name(field_name):
+    """The command-line option of an options field: batch_size -> --batch-size."""
+    return "--" + field_name.replace("_", "-")
+
+
+@dataclass
+class JobOptions:
+    """What every fine-tuning job takes (the model, the device, LoRA, the loop, the run
+    folder), checked in one place. A job's options derive from this class, add their
+    own fields and checks, and override a default by redefining its field."""
+
+    model: str = "gpt2-small"  # preset name, model.safetensors file, or HF-layout folder
+    device: str = None  # cpu or cuda (None: $MINILORA_DEVICE or cpu)
+    dtype: str = "float32"
+    seed: int = 123
+    offline: bool = None  # None: $MINILORA_OFFLINE
+    rank: int = 16
+    alpha: float = 16
+    scaling: str = "alpha_over_r"  # one of lora.SCALINGS
+    targets: str = "all"  # all, attention, or comma-separated names/patterns
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    epochs: int = 5
+    batch_size: int = 8
+    eval_freq: int = 50
+    eval_iter: int = 5
+    max_length: int = None  # pad/truncate texts to this many tokens (None: the job's rule)
+    output_dir: str = "runs/job"
+    resume: bool = False  # continue the run in output_dir from its checkpoint
+
+    # what must match for --resume to continue the same run (epochs may grow: more epochs
+    # extend a finished run); a job adds its own
+    RESUME_KEYS = ("model", "rank", "alpha", "scaling", "targets", "lr", "weight_decay", "batch_size",
+                   "eval_freq", "eval_iter", "max_length", "seed", "dtype")
+    # what a run folder written before an option existed ran with
+    RESUME_DEFAULTS = {}
+    # the choices of the options that take one of a few names (the parser offers the same)
+    CHOICES = {"dtype": DTYPES, "scaling": SCALINGS}
+
+    def __post_init__(self):
+        """Refuse, with the option's name and value, a run that cannot succeed or would
+        learn nothing, before the data and the model load."""
+        for name, choices in type(self).CHOICES.items():
+            if getattr(self, name) not in choices:
+                shown = sorted(c for c in choices if c is not None)
+                raise OptionError(f"{option_name(name)} must be one of {shown}, got {getattr(self, name)!r}")
+        for name, least in (("rank", 1), ("epochs", 1), ("batch_size", 1), ("eval_freq", 1),
+                            ("eval_iter", 1), ("seed", 0), ("max_length", 1)):
+            value = getattr(self, name)
+            if value is None and name == "max_length":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise OptionError(f"{option_name(name)} must be an integer >= {least}, got {value!r}")
+        # alpha 0 scales the adapters to nothing and lr <= 0 learns nothing or climbs the loss:
+        # both used to run to the end and save an adapter that had learned nothing
+        for name, least, strict in (("alpha", 0, True), ("lr", 0, True), ("weight_decay", 0, False)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float, np.number)) and math.isfinite(value) and (
+                value > least if strict else value >= least)
+            if not ok:
+                raise OptionError(f"{option_name(name)} must be a finite number {'>' if strict else '>='} "
+                                  f"{least}, got {value!r}")
+        if isinstance(self.targets, str) and self.targets not in ("all", "attention"):
+            targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+            if not targets:
+                raise OptionError(f"--targets {self.targets!r} names no layer, so nothing would be trained: "
+                                  f"use all, attention, or comma-separated names such as c_attn.q,out_head")
+            self.targets = targets
+
+    def train_config(self):
+        return TrainConfig(epochs=self.epochs, eval_freq=self.eval_freq, eval_iter=self.eval_iter)
+
+
+# ---------------------------------------------------------------------------- the run folder
+
+RUN_CONFIG_FILE = "run_config.json"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def prepare_run_folder(out, opts, log):
+    """Make the run folder `out` ready for the job of `opts` (a JobOptions); returns True
+    when a checkpoint there is to be resumed.
+
+    A fresh run needs an empty or new folder; --resume needs the same options as the
+    run it continues (type(opts).RESUME_KEYS; it starts afresh, saying so, when no
+    checkpoint was written yet), except --epochs, which may grow to extend the run.
+    """
+    out = Path(out)
+    cfg_path = out / RUN_CONFIG_FILE
+    wanted = {k: getattr(opts, k) for k in type(opts).RESUME_KEYS}
+    if opts.resume and cfg_path.exists():
+        try:
+            saved = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunFolderError(f"{cfg_path} is not valid JSON ({e}); it is not a run folder minilora wrote") from e
+        saved = {**type(opts).RESUME_DEFAULTS, **saved}
+        diff = [f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in wanted if saved.get(k) != wanted[k]]
+        if diff:
+            raise RunFolderError(f"{out} holds a run with other options; resume with the same ones "
+                                 f"or use another --output-dir:\n  " + "\n  ".join(diff))
+        if has_checkpoint(out / CHECKPOINT_DIR):
+            state = read_loop_state(out / CHECKPOINT_DIR)
+            started = state.epoch + (1 if state.batch else 0)  # epochs done or under way
+            if started > opts.epochs:
+                raise OptionError(f"--epochs {opts.epochs}: the run in {out} has already trained "
+                                  f"{started} epoch(s); resume with --epochs {started} or more")
+            if opts.epochs > saved.get("epochs", opts.epochs):
+                log(f"Extending the run in {out} from {saved['epochs']} to {opts.epochs} epochs")
+            write_text(cfg_path, json.dumps({**wanted, "epochs": opts.epochs}, indent=2))
+            return True
+        log(f"{out} has no checkpoint yet: starting the run afresh")
+        return False
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--output-dir {out} is a file, not a folder")
+    if out.exists() and any(p.name != RUN_CONFIG_FILE for p in out.iterdir()):  # a run got under way
+        raise RunFolderError(f"{out} already holds a run: pass --resume to continue it, or choose "
+                             f"another --output-dir")
+    write_text(cfg_path, json.dumps({**wanted, "epochs": opts.epochs}, indent=2))
+    return False
+
+
+def history_csv(state, epoch_metrics=("accuracy",)):
+    """The per-step history as CSV text: step, epoch, examples_seen, seconds (training wall
+    time at the end of the step), lr, batch_loss, and train_loss / val_loss / train_m /
+    val_m for each m of epoch_metrics (a task's) where they were measured."""
+    evals = {e["step"]: e for e in state.evals}
+    epoch_end = {}
+    for e in state.epochs:
+        last = max((h["step"] for h in state.history if h["epoch"] == e["epoch"]), default=None)
+        epoch_end[last] = e
+    buf = io.StringIO()
+    cols = ["step", "epoch", "examples_seen", "seconds", "lr", "batch_loss", "train_loss", "val_loss"]
+    cols += [f"{split}_{m}" for m in epoch_metrics for split in ("train", "val")]
+    writer = csv.DictWriter(buf, cols, extrasaction="ignore")
+    writer.writeheader()
+    for h in state.history:
+        writer.writerow({**h, **evals.get(h["step"], {}), **epoch_end.get(h["step"], {})})
+    return buf.getvalue()
+
+
+def strict_json(obj):
+    """JSON text with every NaN or infinity written as null: Python's json module writes
+    them as the bare words NaN / Infinity, which are not JSON and most readers reject."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)

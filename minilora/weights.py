@@ -22,6 +22,7 @@ import numpy as np
 
 from .cache import cache_dir, is_offline
 from .download import download
+from .errors import MiniloraError
 from .config import PRESET_ALIASES, PRESETS, GPTConfig, param_shapes
 from .files import atomic_path, write_text
 
@@ -33,7 +34,7 @@ WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 _BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers, not c_attn.bias
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MiniloraError, ValueError):
     """A checkpoint that is unreadable or does not describe a GPT-2 of the expected shape."""
 
 

@@ -416,14 +416,16 @@ def test_evaluate_refuses_labels_the_adapter_does_not_know(offline, tiny_checkpo
 def test_evaluate_train_scores_every_example(offline, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     data = write_csv(tmp_path / "d.csv")  # 21 training examples: 5 batches of 4 and one of 1
     assert finetune(tiny_checkpoint, data, tmp_path / "run") == 0
-    scored, real = [], train_mod.evaluate
+    from minilora import tasks as tasks_mod
+
+    scored, real = [], tasks_mod.evaluate
 
     def counting(model, batches, *args, **kwargs):
         batches = list(batches)
         scored.append(sum(len(labels) for _, labels, _ in batches))
         return real(model, iter(batches), *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "evaluate", counting)
+    monkeypatch.setattr(tasks_mod, "evaluate", counting)
     capsys.readouterr()
     assert cli.main(["evaluate", "--adapter", str(tmp_path / "run" / "adapter"), "--data", str(data),
                      "--split", "train", "--batch-size", "4", "--json"]) == 0
@@ -536,3 +538,82 @@ def test_optimizer_step_while_merged_is_refused(tiny_cfg, tiny_idx):
         opt.step(grads)
     ml.unmerge_lora(model)
     np.testing.assert_allclose(model.params["h.0.mlp.c_fc.weight"], base, atol=1e-12)  # not corrupted
+
+
+# ----------------------------------------------------------------------------- errors: the user's or a bug
+
+
+def test_minilora_errors_share_one_base_and_keep_their_builtin_class():
+    from minilora.bench import BenchmarkError
+    from minilora.data import DataError
+    from minilora.download import DownloadError
+    from minilora.errors import CheckpointStateError, MiniloraError, OptionError, RunFolderError
+    from minilora.files import WriteError
+    from minilora.tokenizer import TokenizerError
+    from minilora.train import TrainingDiverged
+    from minilora.weights import CheckpointError
+
+    for cls, builtin in ((DataError, RuntimeError), (DownloadError, RuntimeError), (WriteError, RuntimeError),
+                         (TokenizerError, RuntimeError), (TrainingDiverged, RuntimeError),
+                         (BenchmarkError, RuntimeError), (CheckpointError, ValueError), (OptionError, ValueError),
+                         (RunFolderError, ValueError), (CheckpointStateError, ValueError)):
+        assert issubclass(cls, MiniloraError) and issubclass(cls, builtin), cls
+
+
+@pytest.mark.parametrize("bug", [KeyError("params"), RuntimeError("a bug"), TypeError("a bug")])
+def test_a_bug_keeps_its_traceback(offline, tiny_checkpoint, tmp_path, monkeypatch, bug):
+    """main() reports minilora's own errors in one line; a KeyError or RuntimeError from a
+    bug (here raised where the data loads) is not swallowed into one."""
+    from minilora import finetune as finetune_mod
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(finetune_mod, "load_data", broken)
+    with pytest.raises(type(bug)):
+        finetune(tiny_checkpoint, write_csv(tmp_path / "d.csv"), tmp_path / "run")
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(offline, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    data, out = write_csv(tmp_path / "d.csv"), tmp_path / "run"
+    real_step, calls = train_mod.train_step, []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 7:  # after epoch 1 (5 steps) and its checkpoint
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", interrupted)
+    assert finetune(tiny_checkpoint, data, out, "--epochs", 2) == 130
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    state_file = out / "checkpoint" / "state.json"
+    meta = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "dropout_rng"}))
+    capsys.readouterr()
+    assert finetune(tiny_checkpoint, data, out, "--epochs", 2, "--resume") == 1
+    assert error_line(capsys) == (f"minilora finetune: error: {state_file} lacks dropout_rng: "
+                                  f"the checkpoint is damaged")
+
+
+def test_the_parser_offers_the_options_classes_defaults_and_choices():
+    """The finetune command's options are FinetuneOptions' fields: the same defaults, and
+    the choices of the same constants, so the two cannot drift apart."""
+    from dataclasses import fields
+
+    from minilora.backend import DTYPES
+    from minilora.data import BATCHINGS, PAD_MODES
+    from minilora.finetune import RECIPES, FinetuneOptions
+    from minilora.lora import SCALINGS
+    from minilora.tasks import POOLS
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["finetune"])
+    assert cli._job_options(FinetuneOptions, args) == FinetuneOptions()
+    finetune_parser = next(a for a in parser._subparsers._group_actions[0].choices.values()
+                           if a.prog.endswith("finetune"))
+    offered = {a.dest: a.choices for a in finetune_parser._actions if a.choices}
+    assert offered == {"dtype": DTYPES, "scaling": SCALINGS, "recipe": tuple(RECIPES), "pad": PAD_MODES,
+                       "batching": BATCHINGS, "pool": POOLS}
+    options = {a.dest for a in finetune_parser._actions} - {"help"}
+    assert options == {f.name for f in fields(FinetuneOptions)}
