@@ -97,10 +97,10 @@ def attention_backward(dy, qkv, att, NH):  # docs/derivations.md#attention
     dy = dy.reshape(B, T, NH, C // NH).transpose(0, 2, 1, 3)  # [B, NH, T, hs]
     datt = dy @ v.transpose(0, 1, 3, 2)  # y = att v  ->  datt = dy v^T: [B, NH, T, T]
     dv = att.transpose(0, 1, 3, 2) @ dy  # and dv = att^T dy: [B, NH, T, hs]
-    dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # softmax; 0 where masked
-    dpre = dpre / math.sqrt(C // NH)  # pre = q k^T / sqrt(hs)
-    dq = dpre @ k  # [B, NH, T, hs]
-    dk = dpre.transpose(0, 1, 3, 2) @ q  # [B, NH, T, hs]
+    dpre = att * (datt - (datt * att).sum(axis=-1, keepdims=True))  # softmax: at pre; 0 where masked
+    dqk = dpre / math.sqrt(C // NH)  # pre = qk / sqrt(hs): the gradient at the unscaled qk = q k^T
+    dq = dqk @ k  # [B, NH, T, hs]
+    dk = dqk.transpose(0, 1, 3, 2) @ q  # [B, NH, T, hs]
     merge = lambda a: a.transpose(0, 2, 1, 3).reshape(B, T, C)  # noqa: E731  [B, NH, T, hs] -> [B, T, C]
     return np.concatenate([merge(dq), merge(dk), merge(dv)], axis=-1)  # [B, T, 3C]
 
