@@ -55,10 +55,10 @@ def cmd_gradcheck(args):
         print(json.dumps({"passed": passed, "checks": [r.to_dict() for r in results]}, indent=2))
     else:
         if args.module:
-            print(f"Layers from {args.module}:")
+            print(f"Functions from {args.module}:")
         print(format_table(results))
-        print(f"\n{sum(r.passed for r in results)}/{len(results)} checks passed"
-              f" (float64, central differences, h=1e-5)")
+        print(f"\n{sum(r.passed for r in results)}/{len(results)} checks passed (float64; layers against "
+              f"central differences, h=1e-5; model exercises against minilora.reference, AdamW against ml.AdamW)")
     return 0 if passed else 1
 
 
@@ -414,7 +414,7 @@ def build_parser():
                         "variants, e.g. attention -> attention_dropout, attention_one_query)")
     p.add_argument("--module", metavar="FILE",
                    help="check the *_forward/*_backward functions of this Python file instead of minilora's "
-                        "(e.g. examples/exercises/layers.py); reports each layer passed / failed / not implemented")
+                        "(e.g. examples/exercises/layers.py); reports each passed / failed / not implemented / needs NAME (it calls a function still to write)")
     p.set_defaults(func=cmd_gradcheck)
     return parser
 
