@@ -79,6 +79,13 @@ def cmd_finetune(args):
     return 0
 
 
+def cmd_instruct(args):
+    from .instruct import InstructOptions, run_instruct
+
+    run_instruct(_job_options(InstructOptions, args), log=lambda msg: print(msg, flush=True))
+    return 0
+
+
 def _read_adapter_settings(args):
     """(adapter config, settings): how the adapter was trained to be used (pool, pad,
     batching, max_length; its own record, else the book's), each overridden by its option."""
@@ -311,6 +318,7 @@ def build_parser():
     from .backend import DTYPES
     from .data import BATCHINGS, PAD_MODES, SPLITS
     from .finetune import FinetuneOptions
+    from .instruct import InstructOptions
     from .tasks import POOLS
 
     parser = argparse.ArgumentParser(
@@ -343,6 +351,26 @@ def build_parser():
     p.add_argument("--pool", default="last", choices=POOLS,
                    help="classify from the last position (the book) or the last real token")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("instruct", help="the chapter 7 job: instruction fine-tuning with LoRA, and its answers",
+                       description="Instruction fine-tuning of GPT-2 (chapter 7 of 'Build a Large Language Model "
+                                   "(From Scratch)'; LoRA on every linear and the tied LM head, its exercise 7.4), "
+                                   "then greedy answers to the test entries in instruction-data-with-response.json.")
+    _add_job_options(p, InstructOptions, help_for={
+        "scaling": "LoRA scaling (default alpha, exercise 7.4's: no /r)",
+        "eval_freq": "evaluate losses every N steps",
+        "eval_iter": "batches per evaluation",
+        "max_length": "the book's allowed_max_length: truncate inputs and targets to this many tokens "
+                      "(default 1024, GPT-2's context; texts truncated are counted)",
+        "output_dir": "run folder (default runs/chapter-7)"})
+    p.add_argument("--data", default=None, help="a JSON list (or JSONL) of {instruction, input, output} objects "
+                                                "(default: the book's instruction-data.json, downloaded and cached)")
+    p.add_argument("--mask-instructions", action="store_true",
+                   help="exercise 7.2: no loss on the prompt's tokens, only on the response's")
+    p.add_argument("--full", action="store_true",
+                   help="train every parameter (the chapter's main run) instead of LoRA; minilora keeps GPT-2's "
+                        "tied head")
+    p.set_defaults(func=cmd_instruct)
 
     for name, helptext in (("evaluate", "accuracy of a trained adapter on data splits"),
                            ("classify", "classify texts with a trained adapter (prints class and probability)")):

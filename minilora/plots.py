@@ -1,8 +1,9 @@
-"""The book's training plots: train vs validation against epochs, examples seen on top.
+"""The book's training plots: train vs validation against epochs, examples (or tokens) seen on top.
 
-Raschka's ``plot_values`` (chapter 6): one line per split against epochs on the
-bottom axis, with a second, invisible plot on a twin top axis so that the top
-ticks read "examples seen". matplotlib runs headless (the Agg backend).
+Raschka's ``plot_values`` (chapter 6) and ``plot_losses`` (chapters 5 and 7): one line
+per split against epochs on the bottom axis, with a second, invisible plot on a twin
+top axis so that the top ticks read "examples seen" (chapter 6) or "tokens seen"
+(chapters 5 and 7). matplotlib runs headless (the Agg backend).
 """
 
 import matplotlib
@@ -13,8 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .files import atomic_path  # noqa: E402
 
 
-def plot_values(epochs_seen, examples_seen, train_values, val_values, path, label="loss"):
-    """Write a PNG of train/val `label` against epochs (bottom) and examples seen (top).
+def plot_values(epochs_seen, examples_seen, train_values, val_values, path, label="loss", seen="examples_seen"):
+    """Write a PNG of train/val `label` against epochs (bottom) and `seen` (top: the
+    values examples_seen, named by `seen`, "examples_seen" or "tokens_seen").
 
     A line needs two points: with fewer (one epoch's accuracy) each value is drawn as a
     marker, or the plot would be empty."""
@@ -25,9 +27,9 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, path, labe
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel(label.capitalize())
     ax1.legend()
-    ax2 = ax1.twiny()  # same curve, examples seen on the top axis
+    ax2 = ax1.twiny()  # same curve, the `seen` counts on the top axis
     ax2.plot(examples_seen, train_values, alpha=0)
-    ax2.set_xlabel("Examples seen")
+    ax2.set_xlabel(seen.replace("_", " ").capitalize())
     fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
@@ -37,13 +39,15 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, path, labe
     return path
 
 
-def plot_run(state, examples_per_epoch, folder, epoch_metrics=("accuracy",)):
+def plot_run(state, examples_per_epoch, folder, epoch_metrics=("accuracy",), seen="examples_seen"):
     """loss.png, and m.png for each m of epoch_metrics (a task's: train_m / val_m recorded
-    after each epoch), of a finished LoopState into `folder`; returns their paths."""
+    after each epoch), of a finished LoopState into `folder`; returns their paths. seen:
+    the top axis of loss.png, "examples_seen" (the book's chapter 6) or "tokens_seen"
+    (chapter 7)."""
     evals = state.evals
     epochs = [e["examples_seen"] / examples_per_epoch for e in evals]
-    paths = [plot_values(epochs, [e["examples_seen"] for e in evals], [e["train_loss"] for e in evals],
-                         [e["val_loss"] for e in evals], folder / "loss.png", "loss")]
+    paths = [plot_values(epochs, [e[seen] for e in evals], [e["train_loss"] for e in evals],
+                         [e["val_loss"] for e in evals], folder / "loss.png", "loss", seen)]
     ends = state.epochs
     for metric in epoch_metrics:
         paths.append(plot_values([e["epoch"] for e in ends], [e["examples_seen"] for e in ends],

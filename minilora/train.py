@@ -280,14 +280,20 @@ def _progress_bar(total, initial, progress):
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 ADAPTER_DIR = "adapter"
+TRAINED_FILE = "trained.safetensors"  # full fine-tuning (no LoRA): the trained parameters themselves
 
 
 def save_checkpoint(folder, model, opt, state):
-    """Write adapter + optimizer + loop state to `folder`, atomically: everything goes
-    to a sibling temporary folder that then replaces `folder` (minilora.files), so a
-    crash or a full disk mid-save leaves the previous checkpoint intact."""
+    """Write adapter (or, for a model without LoRA, its trainable parameters) + optimizer
+    + loop state to `folder`, atomically: everything goes to a sibling temporary folder
+    that then replaces `folder` (minilora.files), so a crash or a full disk mid-save
+    leaves the previous checkpoint intact."""
     with atomic_folder(folder) as tmp:
-        write_adapter(model, tmp / ADAPTER_DIR)  # the checkpoint folder itself is the atomic unit
+        if model.lora is not None:
+            write_adapter(model, tmp / ADAPTER_DIR)  # the checkpoint folder itself is the atomic unit
+        else:
+            save_file({n: np.ascontiguousarray(to_numpy(model.params[n])) for n in model.trainable},
+                      str(tmp / TRAINED_FILE))
         opt_state = opt.state_dict()
         tensors = {f"m/{n}": a for n, a in opt_state.pop("m").items()}
         tensors.update({f"v/{n}": a for n, a in opt_state.pop("v").items()})
@@ -307,7 +313,10 @@ def load_checkpoint(folder, model, opt):
     `folder`; returns the LoopState to pass to train."""
     folder = Path(folder)
     meta = _read_state(folder)
-    load_adapter(model, folder / ADAPTER_DIR)
+    if (folder / TRAINED_FILE).is_file():
+        _load_trained(model, folder / TRAINED_FILE)
+    else:
+        load_adapter(model, folder / ADAPTER_DIR)
     tensors = load_file(str(folder / OPTIMIZER_FILE))
     opt_state = dict(meta["optimizer"])
     opt_state["m"] = {k[2:]: a for k, a in tensors.items() if k.startswith("m/")}
@@ -318,6 +327,21 @@ def load_checkpoint(folder, model, opt):
         raise CheckpointStateError(f"{folder / OPTIMIZER_FILE}: {e.args[0]}") from e
     model._dropout_rng.bit_generator.state = meta["dropout_rng"]
     return LoopState.from_dict(meta["loop"], folder / STATE_FILE)
+
+
+def _load_trained(model, path):
+    """Copy a full fine-tuning checkpoint's parameters into the model, in place (the
+    optimizer holds no copies), after checking that they are the model's trainable set."""
+    tensors = load_file(str(path))
+    if set(tensors) != set(model.trainable):
+        missing, extra = sorted(set(model.trainable) - set(tensors)), sorted(set(tensors) - set(model.trainable))
+        raise CheckpointStateError(f"{path}: not this model's trained parameters (missing {missing[:3]}, "
+                                   f"unknown {extra[:3]})")
+    for name, array in tensors.items():
+        if array.shape != model.params[name].shape:
+            raise CheckpointStateError(f"{path}: {name} has shape {array.shape}, the model's is "
+                                       f"{model.params[name].shape}")
+        model.params[name][...] = model.xp.asarray(array)
 
 
 def read_loop_state(folder):
