@@ -53,7 +53,8 @@ def forward_incremental(model, idx, kv):
         x = x + m
     kv.length += T
     x, _ = layernorm_forward(x[:, -1], p["ln_f.weight"], p["ln_f.bias"], LN_EPS)  # [B, C]
-    return x @ p["wte.weight"].T  # tied LM head: [B, V]
+    logits, _ = model._head_forward(x)  # the model's one head, its adapter included: [B, V]
+    return logits
 
 
 class KVCache:

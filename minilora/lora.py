@@ -10,6 +10,14 @@ Adaptation of Large Language Models"; Raschka, appendix E). On GPT-2's fused
 column block; here every adapter names the columns of its linear it writes into,
 so the fused and the plain case are one mechanism.
 
+GPT-2's LM head is tied to the token table (logits = x @ wte^T, wte also the
+embedding), so its adapter "lm_head" goes beside wte, never into it:
+
+    logits = x @ wte^T + s * (x @ A) @ B      A: (C, r), B: (r, V)
+
+wte stays frozen and shared; merge_lora gives the head a weight of its own
+(see merge_lora for why). A classifier's head (replace_head) is "out_head" instead.
+
 Scaling conventions (alpha, r):
   "alpha_over_r"  s = alpha / r        the paper, PEFT, the book's current notebook
   "alpha"         s = alpha            the book's print edition
@@ -25,6 +33,7 @@ import numpy as np
 from .layers import dropout_backward, dropout_forward, linear_backward, linear_forward
 
 SCALINGS = ("alpha_over_r", "alpha", "rslora")
+HEADS = ("out_head", "lm_head")  # the adapter sites outside the blocks
 
 # ---------------------------------------------------------------------------- layer pair
 
@@ -120,7 +129,8 @@ def adapter_sites(model):
 def config_sites(cfg, head_outputs=None):
     """The adapter sites of a model of GPTConfig `cfg`, without building it (what a caller
     needs to check --targets before loading anything). head_outputs: the width of the
-    model's own out_head, or None when it has none (GPT-2's LM head is tied to wte)."""
+    model's own out_head (a classifier: site "out_head"), or None when it has none: then
+    the site is "lm_head", GPT-2's LM head tied to wte, C -> vocab_size."""
     C = cfg.emb_dim
     sites = {}
     for i in range(cfg.n_layers):
@@ -132,6 +142,8 @@ def config_sites(cfg, head_outputs=None):
         sites[h + "mlp.c_proj"] = (h + "mlp.c_proj", slice(None), 4 * C, C)
     if head_outputs is not None:
         sites["out_head"] = ("out_head", slice(None), C, head_outputs)
+    else:
+        sites["lm_head"] = ("lm_head", slice(None), C, cfg.vocab_size)
     return sites
 
 
@@ -144,10 +156,11 @@ def select_targets(sites, n_layers, targets="all", layers=None):
     """The prefixes of `sites` (from adapter_sites or config_sites, of a model with
     `n_layers` blocks) selected by `targets` and `layers`.
 
-    targets: "all" (every linear, Q/K/V separately, and out_head when present),
-    "attention" (Q and V, as in the LoRA paper), or a list of names / glob patterns
-    matched against full prefixes ("h.*.mlp.c_fc") or their trailing part ("c_attn.q",
-    "mlp.c_proj", "out_head"). layers: block indices to keep (None = all).
+    targets: "all" (every linear, Q/K/V separately, and the head: out_head on a
+    classifier, lm_head on a language model), "attention" (Q and V, as in the LoRA
+    paper), or a list of names / glob patterns matched against full prefixes
+    ("h.*.mlp.c_fc") or their trailing part ("c_attn.q", "mlp.c_proj", "out_head",
+    "lm_head"). layers: block indices to keep (None = all; the head is no block's and stays).
     """
     if targets == "all":
         chosen = list(sites)
@@ -167,7 +180,7 @@ def select_targets(sites, n_layers, targets="all", layers=None):
         bad = [i for i in layers if not 0 <= i < n_layers]
         if bad:
             raise ValueError(f"LoRA layers {bad} out of range [0, {n_layers})")
-        chosen = [p for p in chosen if p == "out_head" or p[: p.index(".", 2) + 1] in keep]
+        chosen = [p for p in chosen if p in HEADS or p[: p.index(".", 2) + 1] in keep]
     return chosen
 
 
@@ -257,16 +270,39 @@ def _require_lora(model):
 
 
 def _fold(model, sign):
-    """W[:, cols] += sign * s * A @ B for every adapter."""
+    """W[:, cols] += sign * s * A @ B for every adapter; the tied LM head's adapter gets a
+    weight of its own instead (merge) or loses it again (unmerge): see merge_lora."""
     p = model.params
     for ad in model.lora.adapters:
+        if ad.linear == "lm_head":
+            _fold_tied_head(model, ad, sign)
+            continue
         w = p[ad.linear + ".weight"]
         w[:, ad.cols] += w.dtype.type(sign * ad.scale) * (p[ad.prefix + ".lora_A"] @ p[ad.prefix + ".lora_B"])
 
 
+def _fold_tied_head(model, ad, sign):
+    """Merge: lm_head.weight (C, V) = wte^T + s * A @ B, a new untied head weight.
+    Unmerge: delete it; the head is wte^T again, bit for bit (nothing was subtracted)."""
+    p = model.params
+    if sign > 0:
+        wte = p["wte.weight"]  # [V, C]
+        delta = wte.dtype.type(ad.scale) * (p[ad.prefix + ".lora_A"] @ p[ad.prefix + ".lora_B"])  # [C, V]
+        p["lm_head.weight"] = wte.T + delta  # a fresh (C, V) array: wte itself is untouched
+    else:
+        del p["lm_head.weight"]
+
+
 def merge_lora(model):
     """Fold s * A @ B into the base weights; the forward then runs no adapter work.
-    Same outputs within rounding. Training needs unmerge_lora first."""
+    Same outputs within rounding. Training needs unmerge_lora first.
+
+    The tied LM head is the exception. Its weight is wte^T, and wte is also the token
+    embedding (x0 = wte[idx] + wpe): folding s * A @ B into wte would change every
+    token's embedding as well as the logits, i.e. a different model. So a merged
+    language model keeps an untied head weight lm_head.weight (C, V) = wte^T + s A B,
+    read by the head alone (model.params gains C * V values while merged, 51.5 M for
+    gpt2-medium); unmerge_lora deletes it."""
     state = _require_lora(model)
     if not state.merged:
         _fold(model, +1.0)

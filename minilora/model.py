@@ -14,7 +14,11 @@ backward with nothing but the math (tests/test_reference.py holds the two equal 
     parameters, and the backward stops under the lowest block that trains anything;
     a frozen linear's cache lets its input go (only a dW would read it);
   - the last-block trim: with ``positions`` the last block after its attention, the
-    final layernorm and the head run on the rows the loss reads, not on every row;
+    final layernorm and the head (with its adapter) run on the rows the loss reads, not
+    on every row;
+  - one head, ``_head_forward``, for the forward and for generation's KV-cache path:
+    the tied LM head x @ wte^T with its LoRA adapter "lm_head", or the classifier's
+    out_head; a frozen wte gets no head dW;
   - activations freed as the backward consumes them, residual gradients added in place.
 
 References: Radford et al. 2019 (GPT-2); Raschka, "Build a Large Language Model
@@ -201,12 +205,34 @@ class GPTModel:
 
     # ------------------------------------------------------------------ linears (+ LoRA)
 
+    def _weight(self, name):
+        """(parameter name, weight (in, out)) of the linear `name`. The tied LM head
+        "lm_head" reads the token table transposed, W = wte^T (a view, no copy), unless
+        merge_lora gave it an untied lm_head.weight (lora.merge_lora says why)."""
+        if name == "lm_head" and "lm_head.weight" not in self.params:
+            return "wte.weight", self.params["wte.weight"].T  # [V, C] -> [C, V]
+        return name + ".weight", self.params[name + ".weight"]
+
+    def _head_name(self):
+        """The head the logits come from: "out_head" after replace_head, else "lm_head"."""
+        return "out_head" if "out_head.weight" in self.params else "lm_head"
+
+    def _head_forward(self, x, rng=None):
+        """logits = x @ W_head (+ b) + the head's active adapter: (logits, cache).
+
+        x: (..., C), the final layernorm's output. The one head of the model: forward
+        and generate.forward_incremental both run it, so an adapter on the tied LM head
+        (logits = x @ wte^T + s * (x @ A) @ B) acts in generation too."""
+        return self._linear_forward(self._head_name(), x, rng)
+
     def _linear_forward(self, name, x, rng=None):
         """x @ W + b for the linear `name`, plus every active LoRA adapter on it
-        (rng: the LoRA dropout generator, None for no dropout)."""
+        (rng: the LoRA dropout generator, None for no dropout). The cache records the
+        weight's parameter name (wte.weight for the tied head) for the backward."""
         p = self.params
-        y, cache = linear_forward(x, p[name + ".weight"], p.get(name + ".bias"))
-        if name + ".weight" not in self._forward_trainable:
+        w_name, w = self._weight(name)
+        y, cache = linear_forward(x, w, p.get(name + ".bias"))
+        if w_name not in self._forward_trainable:
             # Frozen W: its backward needs only W (dx = dout W^T), so the cache lets x go
             # (reference.forward keeps every activation). An adapter's cache still keeps x.
             cache = (None, cache[1])
@@ -217,16 +243,18 @@ class GPTModel:
                                     self.lora.dropout, rng)
             y[..., ad.cols] += delta
             lora_caches.append((ad, c))
-        return y, (cache, lora_caches)
+        return y, (w_name, cache, lora_caches)
 
     def _linear_backward(self, name, dout, cache, grads, need_dx=True):
         """dx for the linear `name` (None when need_dx is False); its weight/bias/LoRA
         gradients go into `grads`."""
-        base_cache, lora_caches = cache
+        w_name, base_cache, lora_caches = cache
         train = self._forward_trainable
-        dx, dw, db = linear_backward(dout, base_cache, need_dx=need_dx, need_dw=name + ".weight" in train,
+        dx, dw, db = linear_backward(dout, base_cache, need_dx=need_dx, need_dw=w_name in train,
                                      need_db=name + ".bias" in train and name + ".bias" in self.params)
-        self._accumulate(grads, name + ".weight", dw)
+        if dw is not None and w_name == "wte.weight":
+            dw = dw.T  # the tied head used W = wte^T: wte's share is dW^T, [C, V] -> [V, C]
+        self._accumulate(grads, w_name, dw)
         self._accumulate(grads, name + ".bias", db)
         for ad, c in lora_caches:
             dx_lora, dA, dB = lora_backward(dout[..., ad.cols], c, need_dx=need_dx)
@@ -318,10 +346,7 @@ class GPTModel:
             if keep_cache:  # else each block's activations are freed as soon as the next one runs
                 blocks.append((c_ln1, c_qkv, c_att, c_proj, c_drop1, c_ln2, c_fc, c_gelu, c_mproj, c_drop2))
         x, c_lnf = layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], LN_EPS)
-        if "out_head.weight" in p:
-            logits, c_head = self._linear_forward("out_head", x, rng)  # [B, T, n_classes]
-        else:
-            logits, c_head = linear_forward(x, p["wte.weight"].T)  # tied LM head: [B, T, V]
+        logits, c_head = self._head_forward(x, rng)  # [B, T, n_out], or [B, n_out] with positions
         return logits, ((c_emb, c_drop, blocks, rows, c_lnf, c_head) if keep_cache else None)
 
     __call__ = forward
@@ -337,6 +362,9 @@ class GPTModel:
                                "(and one forward per backward)")
         if self.lora is not None and self.lora.merged and set(self.lora.param_names) & set(self.trainable):
             raise RuntimeError("LoRA adapters are merged into the weights: unmerge_lora(model) before training")
+        if "lm_head.weight" in self.params and "wte.weight" in self._forward_trainable:
+            # the merged head read lm_head.weight, not wte: wte's head gradient would be missing
+            raise RuntimeError("the LM head is merged into lm_head.weight: unmerge_lora(model) before training wte")
         if tuple(dlogits.shape) != self._logits_shape:  # else it fails deep inside a layer
             raise ValueError(f"dlogits has shape {tuple(dlogits.shape)}, the logits of the last "
                              f"forward have shape {self._logits_shape}")
@@ -355,12 +383,7 @@ class GPTModel:
         c_emb, c_drop, blocks, rows, c_lnf, c_head = cache
         train = self._forward_trainable
         p, grads = self.params, {}
-        if "out_head.weight" in p:
-            dx = self._linear_backward("out_head", dlogits, c_head, grads)
-        else:
-            # tied head: logits = x @ wte^T, so wte's gradient is the transpose of dW
-            dx, dwT, _ = linear_backward(dlogits, c_head, need_dw="wte.weight" in train, need_db=False)
-            self._accumulate(grads, "wte.weight", None if dwT is None else dwT.T)
+        dx = self._linear_backward(self._head_name(), dlogits, c_head, grads)
         dx, dw, db = layernorm_backward(dx, c_lnf, self._trains("ln_f."))
         self._accumulate_pair(grads, "ln_f.", dw, db)
         # Frozen means no work: below the lowest block that trains anything, and under a

@@ -13,7 +13,8 @@ params holds arrays under the Hugging Face GPT-2 names ("wte.weight", "h.0.ln_1.
 ..., "ln_f.bias"; weights stored (in, out), so a linear is x @ w + b), plus, when present,
 "out_head.weight"/"out_head.bias" (a classifier head replacing the tied LM head) and the
 LoRA adapters "<linear>.lora_A" (in, r) / ".lora_B" (r, out), three of them over the fused
-Q|K|V projection ("h.0.attn.c_attn.q", ".k", ".v"). `model.params` of a GPTModel is exactly
+Q|K|V projection ("h.0.attn.c_attn.q", ".k", ".v") and one on the tied LM head
+("lm_head": logits = x wte^T + s (x A) B). `model.params` of a GPTModel is exactly
 such a dict. No dropout: this is the appendix E recipe (drop_rate 0) and evaluation.
 
 The fast engine (layers.py, lora.py, model.py) computes the same numbers by other routes;
@@ -130,11 +131,24 @@ def adapters(params, name):
     return [(prefix, cols) for prefix, cols in parts if prefix + ".lora_A" in params]
 
 
+def lora_forward(params, prefix, x, s):
+    return s * (x @ params[prefix + ".lora_A"]) @ params[prefix + ".lora_B"]  # [B, T, in] -> [B, T, out]
+
+
+def lora_backward(d, params, prefix, x, s, grads):  # docs/derivations.md#lora
+    """The adapter's share of dx, given d, the gradient at its output; dA, dB go into grads."""
+    A, B = params[prefix + ".lora_A"], params[prefix + ".lora_B"]  # [in, r], [r, out]
+    grads[prefix + ".lora_B"] = s * np.einsum("btr,bto->ro", x @ A, d)  # [r, out]
+    g = s * d @ B.T  # [B, T, r]: the gradient at the bottleneck x A
+    grads[prefix + ".lora_A"] = np.einsum("bti,btr->ir", x, g)  # [in, r]
+    return g @ A.T  # [B, T, in]
+
+
 def lora_linear_forward(params, name, x, s):
     y = linear_forward(x, params[name + ".weight"], params.get(name + ".bias", 0.0))  # [B, T, out]
     for prefix, cols in adapters(params, name):
         delta = np.zeros_like(y)
-        delta[..., cols] = s * (x @ params[prefix + ".lora_A"]) @ params[prefix + ".lora_B"]  # its columns only
+        delta[..., cols] = lora_forward(params, prefix, x, s)  # its columns only
         y = y + delta
     return y
 
@@ -145,12 +159,7 @@ def lora_linear_backward(dy, params, name, x, s, grads):  # docs/derivations.md#
     if name + ".bias" in params:
         grads[name + ".bias"] = db
     for prefix, cols in adapters(params, name):
-        A, B = params[prefix + ".lora_A"], params[prefix + ".lora_B"]  # [in, r], [r, out]
-        d = dy[..., cols]  # [B, T, out]: the columns this adapter wrote
-        grads[prefix + ".lora_B"] = s * np.einsum("btr,bto->ro", x @ A, d)  # [r, out]
-        g = s * d @ B.T  # [B, T, r]: the gradient at the bottleneck x A
-        grads[prefix + ".lora_A"] = np.einsum("bti,btr->ir", x, g)  # [in, r]
-        dx = dx + g @ A.T  # [B, T, in]
+        dx = dx + lora_backward(dy[..., cols], params, prefix, x, s, grads)  # the columns it wrote
     return dx
 
 
@@ -188,6 +197,8 @@ def forward(params, idx, n_heads, lora_scale=1.0, positions=None):
         logits = lora_linear_forward(p, "out_head", x, s)  # [B, T, classes]
     else:  # GPT-2's LM head is the token table, transposed ("tied")
         logits = x @ p["wte.weight"].T  # [B, T, V]
+        if "lm_head.lora_A" in p:  # LoRA on the tied head: beside wte, never into it (wte is the embedding too)
+            logits = logits + lora_forward(p, "lm_head", x, s)  # [B, T, V]
     if positions is not None:  # the loss reads one position per sequence
         logits = logits[np.arange(B), positions]  # [B, V]
     return logits, acts
@@ -210,6 +221,8 @@ def backward(dlogits, params, acts, n_heads, lora_scale=1.0):
     else:  # logits = x wte^T
         dx = dlogits @ p["wte.weight"]  # [B, T, C]
         dwte_head = np.einsum("btv,btc->vc", dlogits, x)  # [V, C]
+        if "lm_head.lora_A" in p:
+            dx = dx + lora_backward(dlogits, p, "lm_head", x, s, grads)  # [B, T, C]
     dacts["ln_f"] = dx
     dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(
         dx, acts["x_final"], p["ln_f.weight"], acts["ln_f.mean"], acts["ln_f.rstd"])

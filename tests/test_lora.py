@@ -136,8 +136,9 @@ def test_targets_and_layers(tiny_cfg):
     assert m.lora.targets == ["h.0.attn.c_attn.q", "h.0.attn.c_attn.v", "h.1.attn.c_attn.q", "h.1.attn.c_attn.v"]
     m = lora_model(tiny_cfg, targets=["h.*.mlp.c_fc", "c_attn.k"], layers=[1])
     assert m.lora.targets == ["h.1.attn.c_attn.k", "h.1.mlp.c_fc"]
-    m = lora_model(tiny_cfg, classes=0)
-    assert "out_head" not in m.lora.targets and len(m.lora.targets) == 12
+    m = lora_model(tiny_cfg, classes=0)  # a language model: the tied LM head is a target too
+    assert "out_head" not in m.lora.targets and m.lora.targets[-1] == "lm_head"
+    assert len(m.lora.targets) == 2 * 6 + 1  # per block q, k, v, c_proj, c_fc, mlp.c_proj; the head
     with pytest.raises(ValueError, match="matches no linear"):
         lora_model(tiny_cfg, targets=["c_nope"])
     with pytest.raises(ValueError, match="out of range"):

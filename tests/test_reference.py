@@ -55,6 +55,7 @@ CASES = {  # name: (head classes, LoRA targets)
     "classifier": (2, None),
     "classifier_lora_all": (2, "all"),
     "lm_head_lora_attention": (None, "attention"),
+    "lm_head_lora_all": (None, "all"),  # the adapter on the tied head included
 }
 
 
