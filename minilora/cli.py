@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .errors import OptionError
 
 
 def _int_at_least(least):
@@ -193,14 +194,43 @@ def cmd_classify(args):
 
 def cmd_generate(args):
     from .generate import generate_text
+    from .instruct import ANSWER_MAX_NEW_TOKENS, answer
     from .model import GPTModel
     from .tokenizer import get_tokenizer
 
+    if (args.prompt is None) == (args.instruction is None):
+        raise OptionError("give a prompt or --instruction (one of them)")
+    if args.input is not None and args.instruction is None:
+        raise OptionError("--input goes with --instruction")
+    config = _read_language_adapter(args.adapter) if args.adapter else {}
     tok = get_tokenizer(offline=args.offline or None)  # the small file first: a missing one is reported sooner
-    model = GPTModel.from_pretrained(args.model, dtype=args.dtype, device=args.device, offline=args.offline or None)
-    print(generate_text(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, seed=args.seed))
+    name = args.model or config.get("base_model") or "gpt2-small"
+    model = GPTModel.from_pretrained(name, dtype=args.dtype, device=args.device, offline=args.offline or None)
+    if args.adapter:
+        from .adapters import load_adapter
+        from .lora import merge_lora
+
+        load_adapter(model, args.adapter)
+        merge_lora(model)  # inference only: the merged weights run no adapter work at all
+    if args.instruction is not None:  # the Alpaca prompt; print only the answer, as the book extracts it
+        entry = {"instruction": args.instruction, "input": args.input or "", "output": ""}
+        print(answer(model, tok, entry, args.max_new_tokens or ANSWER_MAX_NEW_TOKENS))
+    else:
+        print(generate_text(model, tok, args.prompt, args.max_new_tokens or 15, temperature=args.temperature,
+                            top_k=args.top_k, seed=args.seed))
     return 0
+
+
+def _read_language_adapter(folder):
+    """The config of a language model's adapter (what `minilora instruct` saves); a
+    classifier's adapter is refused here, since its head answers classes, not tokens."""
+    from .adapters import read_adapter
+
+    config, _ = read_adapter(folder)
+    if config.get("num_classes") is not None:
+        raise OptionError(f"--adapter {folder}: a {config['num_classes']}-class classifier's adapter; "
+                          f"use minilora classify with it")
+    return config
 
 
 def cmd_bench_compare(args):
@@ -396,10 +426,19 @@ def build_parser():
             p.add_argument("text", nargs="+", help="the text(s) to classify")
             p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("generate", help="continue a prompt with a pretrained GPT-2 (load sanity check)")
-    _common(p)
-    p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=15)
+    p = sub.add_parser("generate", help="continue a prompt with GPT-2, or answer an instruction with an adapter",
+                       description="Continue a prompt (a sanity check of the pretrained weights), or with "
+                                   "--instruction answer it in the Alpaca prompt of chapter 7 and print only the "
+                                   "answer; --adapter applies a language model's adapter (minilora instruct's), "
+                                   "merged for inference.")
+    _common(p, model_default=None)
+    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("--adapter", default=None, help="a language model's adapter folder (e.g. runs/chapter-7/adapter); "
+                                                   "its base model unless --model is given")
+    p.add_argument("--instruction", default=None, help="answer this instruction (the book's prompt format)")
+    p.add_argument("--input", default=None, help="the instruction's input, if it has one")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=None,
+                   help="default 15 for a prompt, 256 for an instruction (the book's)")
     p.add_argument("--temperature", type=_float_at_least(0.0), default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=_int_at_least(1), default=None)
     p.add_argument("--seed", type=_int_at_least(0), default=None)
