@@ -29,6 +29,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from .backend import to_numpy
+from .errors import MiniloraError
 from .files import atomic_folder, recover_folder
 from .lora import adapter_sites, apply_lora
 
@@ -37,7 +38,7 @@ CONFIG_FILE = "adapter_config.json"
 FORMAT = "minilora-lora/1"
 
 
-class AdapterError(ValueError):
+class AdapterError(MiniloraError, ValueError):
     """An adapter that is malformed or does not fit the model it is loaded into."""
 
 

@@ -17,13 +17,15 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .errors import MiniloraError
+
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
 
 _cupy = None  # the cupy module once imported
 
 
-class BackendError(RuntimeError):
+class BackendError(MiniloraError, RuntimeError):
     """The requested device cannot be used (no CuPy, no GPU, unknown name)."""
 
 

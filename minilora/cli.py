@@ -542,13 +542,11 @@ def _check_bench_options(parser, args):
 def _user_errors():
     """What a command reports as one line (anything else is a bug and keeps its traceback):
     minilora's own errors; OSError (a file that cannot be read, a folder that cannot be
-    made); ValueError, which lora.py, model.py, config.py, weights.py, optim.py and
-    generate.py still raise for bad input; and BackendError (a missing CuPy or GPU), until
-    those derive from MiniloraError."""
-    from .backend import BackendError
+    made); and ValueError, which lora.py, model.py, config.py, weights.py, optim.py and
+    generate.py still raise for bad input, until those derive from MiniloraError."""
     from .errors import MiniloraError
 
-    return (MiniloraError, ValueError, OSError, BackendError)
+    return (MiniloraError, ValueError, OSError)
 
 
 def main(argv=None):
