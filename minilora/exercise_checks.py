@@ -276,13 +276,13 @@ def step_into(name, head, positions):
         "mlp.gelu": f"the linear {h}mlp.c_proj (linear_with_adapters_backward: does model_lora_linear pass?)",
         "mlp.c_fc": f"gelu_backward, at acts['{h}mlp.c_fc']",
         "ln_2": f"the linear {h}mlp.c_fc (linear_with_adapters_backward: does model_lora_linear pass?)",
-        "x_mid": f"layernorm_backward of ln_2 at x_mid, plus the skip: dx = dx + dm",
+        "x_mid": "layernorm_backward of ln_2 at x_mid, plus the skip: dx = dx + dm",
         "attn.c_proj": "x_mid = x + attn: the attention's output gets x_mid's gradient unchanged",
         "attn.y": f"the linear {h}attn.c_proj (linear_with_adapters_backward: does model_lora_linear pass?)",
         "attn.c_attn": f"attention_backward, at acts['{h}attn.c_attn'] and acts['{h}attn.att']",
         "ln_1": f"the linear {h}attn.c_attn with its Q/K/V adapters "
                 "(linear_with_adapters_backward: does model_lora_linear pass?)",
-        "x": f"layernorm_backward of ln_1 at x, plus the skip: dx = dx + da",
+        "x": "layernorm_backward of ln_1 at x, plus the skip: dx = dx + da",
     }
     return steps[part]
 

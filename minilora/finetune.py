@@ -25,12 +25,11 @@ from .backend import resolve_device
 from .data import BATCHINGS, PAD_MODES
 from .errors import OptionError
 from .files import write_text
-from .lora import apply_lora, config_sites, select_targets
+from .lora import config_sites, select_targets
 from .model import GPTModel
-from .optim import AdamW
 from .tasks import POOLS, ClassificationTask, evaluate
-from .train import (CHECKPOINT_DIR, JobOptions, history_csv, load_checkpoint, prepare_run_folder,  # noqa: F401
-                    strict_json, train)  # strict_json: imported from here by the tests and benchmarks
+from .train import (CHECKPOINT_DIR, JobOptions, history_csv, prepare_run_folder, run_seconds,  # noqa: F401
+                    start_training, strict_json, train)  # strict_json: imported from here by the tests and benchmarks
 from .weights import read_config
 
 # The book's two published recipes: the current notebook (default) and the print edition.
@@ -146,17 +145,7 @@ def run_finetune(opts, log=print, progress=None):
     t0 = time.perf_counter()
     data, (train_loader, val_loader, test_loader) = load_data(opts, model_cfg.context_length, log)
     model = build_model(opts, data.num_classes, log)
-    opt = AdamW(model, lr=opts.lr, weight_decay=opts.weight_decay)
-    if resume:
-        state = load_checkpoint(ckpt, model, opt)
-        log(f"Resuming from {ckpt}: epoch {state.epoch + 1}, step {state.step}")
-        state.done = state.epoch >= opts.epochs  # more --epochs than before extend a finished run
-    else:
-        apply_lora(model, rank=opts.rank, alpha=opts.alpha, scaling=opts.scaling, targets=opts.targets,
-                   seed=opts.seed)
-        state = None
-    log(f"LoRA rank {opts.rank}, alpha {opts.alpha:g}, scaling {opts.scaling}, lr {opts.lr:g}")
-    log(model.summary())
+    opt, state = start_training(model, opts, ckpt, resume, log)
     task = ClassificationTask(opts.pool)
     state = train(model, opt, task, train_loader, val_loader, opts.train_config(), checkpoint_dir=ckpt,
                   state=state, log=log, progress=progress)
@@ -164,8 +153,7 @@ def run_finetune(opts, log=print, progress=None):
     for name, loader, epoch in (("train", train_loader, opts.epochs - 1), ("val", val_loader, 0),
                                 ("test", test_loader, 0)):
         accuracies[name] = evaluate(model, loader.epoch_batches(epoch), pool=opts.pool)[1]
-    # wall time of this process, plus the training time of earlier segments of a resumed run
-    seconds = time.perf_counter() - t0 + state.seconds - state.segment_seconds
+    seconds = run_seconds(state, t0)
     metrics = {
         "train_examples": len(data.train), "val_examples": len(data.val), "test_examples": len(data.test),
         "max_length": data.max_length, "train_batches": len(train_loader), "val_batches": len(val_loader),

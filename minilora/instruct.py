@@ -45,11 +45,11 @@ from .finetune import model_reference
 from .generate import generate
 from .instructions import (DEFAULT_ALLOWED_MAX_LENGTH, IGNORE_INDEX, RESPONSES_FILE, format_answer, format_input,
                            load_instructions, make_instruction_loaders, write_responses)
-from .lora import apply_lora, config_sites, select_targets
+from .lora import config_sites, select_targets
 from .model import GPTModel
-from .optim import AdamW
 from .tokenizer import END_OF_TEXT_ID, get_tokenizer
-from .train import CHECKPOINT_DIR, JobOptions, history_csv, load_checkpoint, prepare_run_folder, strict_json, train
+from .train import (CHECKPOINT_DIR, JobOptions, history_csv, prepare_run_folder, run_seconds, start_training,
+                    strict_json, train)
 from .weights import read_config, save_pretrained
 
 ANSWER_MAX_NEW_TOKENS = 256  # the book's answers to the test set (chapter 7, section 7.7)
@@ -207,21 +207,7 @@ def run_instruct(opts, log=print, progress=None):
     resume = prepare_run_folder(out, opts, log)
     t0 = time.perf_counter()
     model = build_model(opts, log)
-    opt = AdamW(model, lr=opts.lr, weight_decay=opts.weight_decay)
-    if resume:
-        state = load_checkpoint(ckpt, model, opt)
-        log(f"Resuming from {ckpt}: epoch {state.epoch + 1}, step {state.step}")
-        state.done = state.epoch >= opts.epochs  # more --epochs than before extend a finished run
-    else:
-        if not opts.full:
-            apply_lora(model, rank=opts.rank, alpha=opts.alpha, scaling=opts.scaling, targets=opts.targets,
-                       seed=opts.seed)
-        state = None
-    if opts.full:
-        log(f"Full fine-tuning: every parameter trained, lr {opts.lr:g}")
-    else:
-        log(f"LoRA rank {opts.rank}, alpha {opts.alpha:g}, scaling {opts.scaling}, lr {opts.lr:g}")
-    log(model.summary())
+    opt, state = start_training(model, opts, ckpt, resume, log)
     task = InstructionTask(tokenizer, format_input(data.val.entries[0]))
     train_loader, val_loader, test_loader = loaders
     state = train(model, opt, task, train_loader, val_loader, opts.train_config(), checkpoint_dir=ckpt,
@@ -230,8 +216,7 @@ def run_instruct(opts, log=print, progress=None):
     log(f"Answering the {len(data.test)} test entries (greedy, up to {ANSWER_MAX_NEW_TOKENS} new tokens)")
     responses = [answer(model, tokenizer, entry) for entry in data.test.entries]
     write_responses(out / RESPONSES_FILE, data.test.entries, responses)
-    # wall time of this process, plus the training time of earlier segments of a resumed run
-    seconds = time.perf_counter() - t0 + state.seconds - state.segment_seconds
+    seconds = run_seconds(state, t0)
     metrics = {
         "train_examples": len(data.train), "val_examples": len(data.val), "test_examples": len(data.test),
         "train_batches": len(train_loader), "val_batches": len(val_loader), "test_batches": len(test_loader),

@@ -382,7 +382,7 @@ class GPTModel:
         """Gradients (dict) of one shard, from its dlogits rows and its forward's cache."""
         c_emb, c_drop, blocks, rows, c_lnf, c_head = cache
         train = self._forward_trainable
-        p, grads = self.params, {}
+        grads = {}
         dx = self._linear_backward(self._head_name(), dlogits, c_head, grads)
         dx, dw, db = layernorm_backward(dx, c_lnf, self._trains("ln_f."))
         self._accumulate_pair(grads, "ln_f.", dw, db)

@@ -450,6 +450,36 @@ RUN_CONFIG_FILE = "run_config.json"
 CHECKPOINT_DIR = "checkpoint"
 
 
+def start_training(model, opts, checkpoint_dir, resume, log):
+    """The optimizer and loop state a job starts from (state None: a fresh run): the
+    checkpoint's when resuming (its adapter or trained weights included), else LoRA applied
+    as `opts` says, or nothing frozen when opts.full (full fine-tuning)."""
+    from .lora import apply_lora
+    from .optim import AdamW
+
+    full = getattr(opts, "full", False)
+    opt = AdamW(model, lr=opts.lr, weight_decay=opts.weight_decay)
+    state = None
+    if resume:
+        state = load_checkpoint(checkpoint_dir, model, opt)
+        log(f"Resuming from {checkpoint_dir}: epoch {state.epoch + 1}, step {state.step}")
+        state.done = state.epoch >= opts.epochs  # more --epochs than before extend a finished run
+    elif not full:
+        apply_lora(model, rank=opts.rank, alpha=opts.alpha, scaling=opts.scaling, targets=opts.targets,
+                   seed=opts.seed)
+    if full:
+        log(f"Full fine-tuning: every parameter trained, lr {opts.lr:g}")
+    else:
+        log(f"LoRA rank {opts.rank}, alpha {opts.alpha:g}, scaling {opts.scaling}, lr {opts.lr:g}")
+    log(model.summary())
+    return opt, state
+
+
+def run_seconds(state, t0):
+    """Wall time of this process since t0, plus the training time of earlier segments of a resumed run."""
+    return time.perf_counter() - t0 + state.seconds - state.segment_seconds
+
+
 def prepare_run_folder(out, opts, log):
     """Make the run folder `out` ready for the job of `opts` (a JobOptions); returns True
     when a checkpoint there is to be resumed.
