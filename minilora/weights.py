@@ -286,6 +286,8 @@ def write_checkpoint(params, path, prefix="", buffers=False):
 def save_pretrained(model, folder):
     """Write the base model as folder/model.safetensors + folder/config.json (HF layout)."""
     folder = Path(folder)
+    if "lm_head.weight" in model.params:  # a merged LoRA head: the checkpoint's tied head would lose it
+        raise CheckpointError("the LM head is merged (lm_head.weight): unmerge_lora(model) before save_pretrained")
     base = {n: model.params[n] for n in param_shapes(model.cfg)}
     write_checkpoint(base, folder / WEIGHTS_NAME)
     write_text(folder / CONFIG_NAME, json.dumps(config_to_hf(model.cfg), indent=2))

@@ -34,6 +34,9 @@ def test_the_book_counts_7898384_trainable_for_gpt2_medium():
     r, C, V, L = 16, cfg.emb_dim, cfg.vocab_size, cfg.n_layers
     per_block = 3 * r * (C + C) + r * (C + C) + r * (C + 4 * C) + r * (4 * C + C)  # q k v, c_proj, c_fc, mlp.c_proj
     assert sum(r * (sites[p][2] + sites[p][3]) for p in chosen) == L * per_block + r * (C + V) == 7_898_384
+    # and what apply_lora makes: a model without base weights (init=False), adapters alone (32 MB)
+    model = ml.apply_lora(ml.GPTModel(cfg, init=False), rank=16, alpha=16, scaling="alpha", targets="all")
+    assert model.num_params(trainable_only=True) == 7_898_384
 
 
 def test_appendix_e_count_is_unchanged():
@@ -122,3 +125,68 @@ def test_generation_applies_the_head_adapter(device, tiny_cfg):
     np.testing.assert_array_equal(got, seq)
     ml.disable_lora(model)
     assert not np.array_equal(to_numpy(generate(model, prompt, 4, kv_cache=True)), got)
+
+
+def test_the_head_is_a_target_only_where_it_exists(tiny_cfg):
+    lm = ml.apply_lora(ml.GPTModel(tiny_cfg, seed=0), rank=2, targets="all", layers=[0])
+    assert lm.lora.targets[-1] == "lm_head"  # the head is no block's: layers keeps it
+    assert all(t.startswith("h.0.") for t in lm.lora.targets[:-1])
+    assert lm.params["lm_head.lora_A"].shape == (tiny_cfg.emb_dim, 2)
+    assert lm.params["lm_head.lora_B"].shape == (2, tiny_cfg.vocab_size) and not lm.params["lm_head.lora_B"].any()
+    classifier = ml.GPTModel(tiny_cfg, seed=0).replace_head(2)
+    with pytest.raises(ValueError, match="matches no linear"):
+        ml.apply_lora(classifier, rank=2, targets=["lm_head"])
+    ml.apply_lora(classifier, rank=2, targets="all")
+    assert classifier.lora.targets[-1] == "out_head" and "lm_head" not in classifier.lora.targets
+
+
+def test_a_frozen_wte_gets_no_head_dw(monkeypatch, tiny_cfg):
+    """Frozen means no work: with the head adapter trained and wte frozen, the head's
+    linear_backward is asked for dx alone; with wte trained, for its dW as well."""
+    import minilora.model
+
+    real, asked = minilora.model.linear_backward, []
+
+    def recording(dout, cache, need_dx=True, need_dw=True, need_db=True):
+        if dout.shape[-1] == tiny_cfg.vocab_size:  # the head: the only linear with V outputs
+            asked.append(need_dw)
+        return real(dout, cache, need_dx, need_dw, need_db)
+
+    monkeypatch.setattr(minilora.model, "linear_backward", recording)
+    model = head_lora_model(tiny_cfg)
+    logits = model.forward(IDX)
+    grads = model.backward(np.ones_like(logits))
+    assert asked and not any(asked)  # one call per shard, none asks for dW
+    assert set(grads) == {"lm_head.lora_A", "lm_head.lora_B"}
+    model.trainable = model.trainable + ["wte.weight"]
+    asked.clear()
+    logits = model.forward(IDX)
+    assert "wte.weight" in model.backward(np.ones_like(logits)) and asked and all(asked)
+
+
+def test_a_merged_head_cannot_train_wte_and_remove_lora_deletes_it(tiny_cfg):
+    """While merged the head reads lm_head.weight, not wte: a wte gradient would lack the
+    head's share, so backward refuses; remove_lora unmerges, and the head is tied again."""
+    model = head_lora_model(tiny_cfg)
+    plain = to_numpy(ml.GPTModel(tiny_cfg, seed=0, dtype="float64").forward(IDX, keep_cache=False))
+    ml.merge_lora(model)
+    model.trainable = ["wte.weight"]
+    logits = model.forward(IDX)
+    with pytest.raises(RuntimeError, match="merged into lm_head.weight"):
+        model.backward(np.ones_like(logits))
+    ml.remove_lora(model)
+    assert "lm_head.weight" not in model.params and not any(".lora_" in n for n in model.params)
+    np.testing.assert_array_equal(to_numpy(model.forward(IDX, keep_cache=False)), plain)
+
+
+def test_a_merged_head_is_not_saved_as_a_tied_checkpoint(tiny_cfg, tmp_path):
+    """save_pretrained writes GPT-2's tied layout (no lm_head.weight): a merged head would be
+    dropped silently, so it is refused."""
+    from minilora.weights import CheckpointError, save_pretrained
+
+    model = head_lora_model(tiny_cfg)
+    ml.merge_lora(model)
+    with pytest.raises(CheckpointError, match="unmerge_lora"):
+        save_pretrained(model, tmp_path / "merged")
+    ml.unmerge_lora(model)
+    save_pretrained(model, tmp_path / "unmerged")  # the base weights, tied, as they were loaded
