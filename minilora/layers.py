@@ -390,3 +390,55 @@ def cross_entropy_backward(dloss, cache):
     dlogits[xp.arange(N), targets] -= 1.0
     dlogits *= probs.dtype.type(dloss / N)
     return (dlogits,)
+
+
+def masked_cross_entropy_forward(logits, targets, ignore_index=-100):
+    """Token-level cross-entropy of a language model, ignored positions left out:
+    loss = (1/M) sum over counted rows i of (logsumexp(z_i) - z_i[y_i]), where a row counts
+    when y_i != ignore_index and M is the number of such rows (torch's
+    cross_entropy(..., ignore_index=-100)). The divisor is M, not N: the padding of a batch
+    must not dilute its loss.
+
+    logits: (N, V) or (B, T, V); targets: int (N,) or (B, T), in [0, V) or ignore_index.
+    Returns the loss (0-d) and cache [probs (N, V), targets, counted (N,) bool, M, shape].
+    Memory: one logits-sized array besides the logits, probs, which the backward turns
+    into dlogits in place (at batch 8 x 1024 x 50257 a logits-sized float32 array is 1.6 GB).
+    """
+    xp = get_array_module(logits)
+    V = logits.shape[-1]
+    z, y = logits.reshape(-1, V), targets.reshape(-1)  # views: [N, V], [N]
+    counted = y != ignore_index  # [N]
+    M = int(counted.sum())
+    if M == 0:
+        raise ValueError(f"no position to count: every target is ignore_index ({ignore_index})")
+    y_counted = y[counted]
+    if int(((y_counted < 0) | (y_counted >= V)).sum()):
+        raise ValueError(f"targets must be in [0, {V}) or ignore_index ({ignore_index})")
+    zmax = z.max(axis=-1, keepdims=True)  # [N, 1]
+    probs = z - zmax  # the one [N, V] array, shifted for a stable exp
+    xp.exp(probs, out=probs)
+    sum_e = probs.sum(axis=-1, keepdims=True)  # [N, 1]
+    probs /= sum_e  # softmax, in place
+    rows = xp.nonzero(counted)[0]
+    lse = xp.log(sum_e[rows, 0]) + zmax[rows, 0]  # [M]: log-sum-exp of the counted rows
+    loss = (lse - z[rows, y_counted]).sum() / z.dtype.type(M)  # never the log of an underflowed prob
+    return loss, [probs, y, counted, M, logits.shape]
+
+
+def masked_cross_entropy_backward(dloss, cache):
+    """dlogits_i = dloss * (softmax(z_i) - onehot(y_i)) / M on counted rows, exactly 0 on
+    ignored ones (their loss term does not exist). Shape of the forward's logits.
+    Derivation: docs/derivations.md#the-masked-mean-ignored-positions.
+
+    Departure from the other backwards, for memory: dlogits is written into the cache's
+    probs (no second logits-sized array), so the cache is consumed; a second backward
+    from it is refused."""
+    if cache[0] is None:
+        raise RuntimeError("masked_cross_entropy_backward consumes its cache: one backward per forward")
+    probs, y, counted, M, shape = cache
+    cache[0] = None
+    xp = get_array_module(probs)
+    rows = xp.nonzero(counted)[0]
+    probs[rows, y[rows]] -= 1.0
+    probs *= (counted[:, None] * probs.dtype.type(dloss / M)).astype(probs.dtype)  # 0 on ignored rows
+    return (probs.reshape(shape),)

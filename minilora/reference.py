@@ -118,6 +118,18 @@ def cross_entropy_backward(logits, targets):  # docs/derivations.md#cross-entrop
     return (p - np.eye(logits.shape[-1])[targets]) / len(targets)  # dloss/dlogits: [N, K]
 
 
+def masked_cross_entropy_forward(logits, targets, ignore_index=-100):
+    counted = targets != ignore_index  # [N]: the rows whose target is a real token
+    return cross_entropy_forward(logits[counted], targets[counted])  # the mean over the M counted rows
+
+
+def masked_cross_entropy_backward(logits, targets, ignore_index=-100):  # docs/derivations.md#the-masked-mean-ignored-positions
+    counted = targets != ignore_index
+    d = np.zeros_like(logits)  # an ignored row has no loss term, hence no gradient
+    d[counted] = cross_entropy_backward(logits[counted], targets[counted])  # / M, not / N: [N, K]
+    return d
+
+
 # -------------------------------------------------------------- a linear with its LoRA adapters
 
 

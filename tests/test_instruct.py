@@ -25,7 +25,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import minilora as ml
-from minilora import cli, layers
+from minilora import cli
 from minilora import train as train_mod
 from minilora.instructions import INSTRUCTION_DATA_FILE, RESPONSES_FILE, format_input
 from minilora.weights import save_pretrained
@@ -36,36 +36,6 @@ EOT = 50256
 SHARED_FILE = SHARED_DATA / "instructions" / INSTRUCTION_DATA_FILE
 TINY = ml.GPTConfig(vocab_size=50257, context_length=1024, emb_dim=16, n_heads=2, n_layers=2)
 RANK = 2
-
-
-def _masked_ce_forward(logits, targets, ignore_index=-100):  # stand-in until layers.py has it
-    z = logits.reshape(-1, logits.shape[-1])
-    y = np.asarray(targets).reshape(-1)
-    keep = y != ignore_index
-    n = int(keep.sum())
-    if n == 0:
-        raise ValueError("no position to count")
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    ys = np.where(keep, y, 0)
-    loss = -(np.log(p[np.arange(len(ys)), ys]) * keep).sum() / n
-    return np.asarray(loss, dtype=logits.dtype), (p, ys, keep, n, logits.shape)
-
-
-def _masked_ce_backward(dloss, cache):
-    p, ys, keep, n, shape = cache
-    d = p.copy()
-    d[np.arange(len(ys)), ys] -= 1
-    d *= keep[:, None] * (dloss / n)
-    return (d.reshape(shape),)
-
-
-@pytest.fixture(autouse=True)
-def masked_cross_entropy(monkeypatch):
-    """layers.masked_cross_entropy_* while they are being written elsewhere: a no-op once they exist."""
-    if not hasattr(layers, "masked_cross_entropy_forward"):
-        monkeypatch.setattr(layers, "masked_cross_entropy_forward", _masked_ce_forward, raising=False)
-        monkeypatch.setattr(layers, "masked_cross_entropy_backward", _masked_ce_backward, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +83,9 @@ def instruct(*args):
 def book_run(book_file, eot_checkpoint, tmp_path_factory):
     """One run of the recipe on the book's data (1 epoch, rank 2, losses every 100 steps over 2 batches)."""
     out = tmp_path_factory.mktemp("chapter-7") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(layers, "masked_cross_entropy_forward",
-                   getattr(layers, "masked_cross_entropy_forward", _masked_ce_forward), raising=False)
-        mp.setattr(layers, "masked_cross_entropy_backward",
-                   getattr(layers, "masked_cross_entropy_backward", _masked_ce_backward), raising=False)
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            rc = instruct("--model", eot_checkpoint, "--output-dir", out, "--eval-freq", 100, "--eval-iter", 2)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = instruct("--model", eot_checkpoint, "--output-dir", out, "--eval-freq", 100, "--eval-iter", 2)
     return rc, printed.getvalue(), out
 
 

@@ -1,0 +1,106 @@
+"""The masked token-level cross-entropy (ignore_index -100, mean over the counted rows):
+finite differences, a broken variant, the unmasked loss on the counted rows, the
+reference, torch when installed, and the clear errors."""
+
+import numpy as np
+import pytest
+
+from minilora import reference
+from minilora.backend import to_numpy
+from minilora.gradcheck import LAYER_TOL, check_layer
+from minilora.layers import (cross_entropy_backward, cross_entropy_forward, masked_cross_entropy_backward,
+                             masked_cross_entropy_forward)
+
+IGNORE = -100
+
+
+def batch(xp, seed=0):
+    """Logits (2, 5, 7) and targets with ignored positions and repeated classes."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((2, 5, 7)) * 2.0
+    targets = np.array([[3, 3, 0, IGNORE, IGNORE], [6, IGNORE, 2, 2, 3]])
+    return xp.asarray(logits), xp.asarray(targets)
+
+
+def test_gradient_matches_finite_differences(xp):
+    logits, targets = batch(xp)
+    r = check_layer("masked_cross_entropy", lambda logits: masked_cross_entropy_forward(logits, targets),
+                    lambda G, cache: masked_cross_entropy_backward(float(G), cache),
+                    dict(logits=logits), dict(logits=0))
+    assert r.passed and r.max_rel_error < LAYER_TOL, r.max_rel_error
+
+
+def test_dividing_by_n_instead_of_the_count_fails_the_check(xp):
+    logits, targets = batch(xp)
+
+    def by_n(dloss, cache):  # the mean over all N rows: 10 where the loss divides by 7
+        (d,) = masked_cross_entropy_backward(dloss, cache)
+        return (d * (cache[3] / targets.size),)
+
+    r = check_layer("masked_cross_entropy_by_n", lambda logits: masked_cross_entropy_forward(logits, targets),
+                    lambda G, cache: by_n(float(G), cache), dict(logits=logits), dict(logits=0))
+    assert not r.passed and r.max_rel_error > 1e-2
+
+
+def test_equals_the_unmasked_loss_on_the_counted_rows_alone(xp):
+    logits, targets = batch(xp)
+    loss, cache = masked_cross_entropy_forward(logits, targets)
+    (d,) = masked_cross_entropy_backward(1.0, cache)
+    flat, y = to_numpy(logits).reshape(-1, 7), to_numpy(targets).reshape(-1)
+    keep = y != IGNORE
+    ref_loss, ref_cache = cross_entropy_forward(flat[keep], y[keep])
+    (ref_d,) = cross_entropy_backward(1.0, ref_cache)
+    # the same softmax by another order of float64 operations: ~eps * |logit| ~ 1e-15
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-14)
+    d = to_numpy(d).reshape(-1, 7)
+    np.testing.assert_allclose(d[keep], ref_d, rtol=1e-13, atol=1e-16)
+    assert np.all(d[~keep] == 0.0)  # exactly zero: no loss term, no gradient
+    assert d.shape == (10, 7)
+
+
+def test_equals_the_reference():
+    logits, targets = batch(np)
+    flat, y = logits.reshape(-1, 7), targets.reshape(-1)
+    loss, cache = masked_cross_entropy_forward(flat, y)
+    assert float(loss) == pytest.approx(float(reference.masked_cross_entropy_forward(flat, y)), rel=1e-14)
+    np.testing.assert_allclose(masked_cross_entropy_backward(1.0, cache)[0],
+                               reference.masked_cross_entropy_backward(flat, y), rtol=1e-13, atol=1e-16)
+
+
+def test_equals_torch_ignore_index():
+    torch = pytest.importorskip("torch")
+    logits, targets = batch(np, seed=3)
+    z = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+    t_loss = torch.nn.functional.cross_entropy(z.flatten(0, 1), torch.tensor(targets).flatten(), ignore_index=IGNORE)
+    t_loss.backward()
+    loss, cache = masked_cross_entropy_forward(logits, targets)
+    (d,) = masked_cross_entropy_backward(1.0, cache)
+    assert float(loss) == pytest.approx(t_loss.item(), rel=1e-12)
+    np.testing.assert_allclose(d, z.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_float32_stays_float32(xp):
+    logits, targets = batch(xp)
+    loss, cache = masked_cross_entropy_forward(logits.astype(xp.float32), targets)
+    (d,) = masked_cross_entropy_backward(1.0, cache)
+    assert loss.dtype == np.float32 and d.dtype == np.float32
+
+
+def test_nothing_counted_or_a_target_out_of_range_is_a_clear_error(xp):
+    logits, targets = batch(xp)
+    with pytest.raises(ValueError, match="no position to count"):
+        masked_cross_entropy_forward(logits, xp.full_like(targets, IGNORE))
+    bad = targets.copy()
+    bad[0, 0] = 7
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 7\)"):
+        masked_cross_entropy_forward(logits, bad)
+
+
+def test_the_cache_is_consumed_by_one_backward(xp):
+    logits, targets = batch(xp)
+    before = to_numpy(logits).copy()
+    _, cache = masked_cross_entropy_forward(logits, targets)
+    masked_cross_entropy_backward(1.0, cache)
+    np.testing.assert_array_equal(to_numpy(logits), before)  # the logits are never written
+    with pytest.raises(RuntimeError, match="consumes its cache"):
+        masked_cross_entropy_backward(1.0, cache)
