@@ -48,7 +48,13 @@ def torch_gpt2(P, idx, cfg, lora=None):
         m = F.gelu(lin(h + "mlp.c_fc", m), approximate="tanh")
         x = x + lin(h + "mlp.c_proj", m)
     x = F.layer_norm(x, (C,), P["ln_f.weight"], P["ln_f.bias"], 1e-5)
-    return lin("out_head", x) if "out_head.weight" in P else x @ P["wte.weight"].T
+    if "out_head.weight" in P:
+        return lin("out_head", x)
+    logits = x @ P["wte.weight"].T  # the tied LM head
+    if "lm_head" in lora:  # its adapter beside wte
+        A, B, s = lora["lm_head"]
+        logits = logits + s * (x @ A) @ B
+    return logits
 
 
 def test_logits_and_all_gradients_match_torch(tiny_cfg, tiny_idx):
@@ -93,3 +99,37 @@ def test_lora_logits_gradients_and_adamw_trajectory_match_torch(tiny_cfg, tiny_i
         topt.step()
     for n in model.params:
         np.testing.assert_allclose(model.params[n], P[n].detach().numpy(), rtol=1e-10, atol=1e-13, err_msg=n)
+
+
+def test_lora_language_model_with_the_head_adapter_follows_torch(tiny_cfg):
+    """Instruction tuning's step: LoRA on every linear and the tied LM head, the masked
+    token loss (ignore_index -100), AdamW: 4 steps equal torch's trajectory."""
+    model = ml.GPTModel(tiny_cfg, seed=0, dtype="float64")
+    ml.apply_lora(model, rank=2, alpha=2, scaling="alpha", targets="all")
+    assert "lm_head" in model.lora.targets
+    P = {n: torch.tensor(p.copy(), requires_grad=n in model.trainable) for n, p in model.params.items()}
+    s = model.lora.scale
+    topt = torch.optim.AdamW([P[n] for n in model.trainable], lr=1e-2, weight_decay=0.1)
+    opt = ml.AdamW(model, lr=1e-2, weight_decay=0.1)
+    rng = np.random.default_rng(1)
+    for step in range(4):
+        idx = rng.integers(0, tiny_cfg.vocab_size, size=(3, 6))
+        targets = rng.integers(0, tiny_cfg.vocab_size, size=(3, 6))
+        targets[0, 4:] = targets[2, 5:] = -100  # padding, ignored
+        logits = model.forward(idx)
+        loss, cache = ml.layers.masked_cross_entropy_forward(logits, targets)
+        grads = model.backward(ml.layers.masked_cross_entropy_backward(1.0, cache)[0])
+        adapters = {ad.prefix: (P[ad.prefix + ".lora_A"], P[ad.prefix + ".lora_B"], s) for ad in model.lora.adapters}
+        tl = torch_gpt2(P, torch.tensor(idx), tiny_cfg, adapters)
+        tloss = F.cross_entropy(tl.flatten(0, 1), torch.tensor(targets).flatten(), ignore_index=-100)
+        topt.zero_grad()
+        tloss.backward()
+        assert float(loss) == pytest.approx(tloss.item(), rel=1e-12)
+        for n in model.trainable:
+            np.testing.assert_allclose(grads[n], P[n].grad.numpy(), rtol=1e-8, atol=1e-13, err_msg=f"{step} {n}")
+        opt.step(grads)
+        topt.step()
+    # 4 AdamW steps in float64: ~1e-15 per step of rounding, amplified at most by lr/eps-sized
+    # moment ratios where a gradient is ~0; 1e-9 leaves room for that, a wrong step is off by ~lr
+    for n in model.params:
+        np.testing.assert_allclose(model.params[n], P[n].detach().numpy(), rtol=1e-9, atol=1e-12, err_msg=n)
