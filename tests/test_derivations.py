@@ -26,6 +26,8 @@ from minilora.layers import (
     gelu_forward,
     layernorm_backward,
     layernorm_forward,
+    masked_cross_entropy_backward,
+    masked_cross_entropy_forward,
 )
 from minilora.lora import SCALINGS, lora_linear_backward, lora_linear_forward, lora_scale
 
@@ -267,11 +269,21 @@ def check_cross_entropy(ex):
     assert_printed(ex, "dlogits", dlogits)
 
 
+
+def check_masked_cross_entropy(ex):
+    z, y = ex["z"], ex["y"].astype(np.int64)
+    loss, cache = masked_cross_entropy_forward(z, y)
+    assert_printed(ex, "M", cache[3])
+    assert_printed(ex, "loss", loss)
+    (dlogits,) = masked_cross_entropy_backward(float(ex["dloss"]), cache)
+    assert_printed(ex, "dlogits", dlogits)
+
+
 CHECKS = {
     "embedding": check_embedding, "layernorm": check_layernorm, "gelu": check_gelu,
     "softmax": check_softmax, "attention": check_attention, "cross_entropy": check_cross_entropy,
     "lora_first_step": check_lora_first_step, "lora_scalings": check_lora_scalings,
-    "adamw": check_adamw,
+    "adamw": check_adamw, "masked_cross_entropy": check_masked_cross_entropy,
 }
 
 

@@ -42,6 +42,20 @@ def test_dividing_by_n_instead_of_the_count_fails_the_check(xp):
     assert not r.passed and r.max_rel_error > 1e-2
 
 
+
+def test_a_gradient_on_the_ignored_rows_fails_the_check(xp):
+    logits, targets = batch(xp)
+    ignored = (targets.reshape(-1) == IGNORE)[:, None]
+
+    def leaky(dloss, cache):  # the ignored rows given the softmax / M they would have as counted rows
+        probs, M = cache[0].copy(), cache[3]
+        (d,) = masked_cross_entropy_backward(dloss, cache)
+        return (d + (ignored * probs * (dloss / M)).reshape(d.shape),)
+
+    r = check_layer("masked_cross_entropy_leaky", lambda logits: masked_cross_entropy_forward(logits, targets),
+                    lambda G, cache: leaky(float(G), cache), dict(logits=logits), dict(logits=0))
+    assert not r.passed and r.max_rel_error > 1e-2
+
 def test_equals_the_unmasked_loss_on_the_counted_rows_alone(xp):
     logits, targets = batch(xp)
     loss, cache = masked_cross_entropy_forward(logits, targets)
