@@ -140,7 +140,6 @@ def result(name, pairs, tol, hint_for):
     errors, first, problem = compare_in_order(pairs, tol)
     worst_error = max(errors.values(), key=lambda e: np.inf if np.isnan(e) else e)  # a NaN counts as worst
     out = CheckResult(name, worst_error, errors, tol, problem=problem)
-    out.hint = None
     if first is None:
         return out
     yours, expected = next((a, n) for key, a, n in pairs if key == first)

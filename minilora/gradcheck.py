@@ -229,7 +229,7 @@ def ratio_hint(pairs, factors):
         if c == 0.0:
             clauses.append(f"{what}: yours is zero where the gradient is not (never written?)")
             continue
-        same = [name if name[0] in "-0123456789" else f"{name} = {value:.6g}"
+        same = [name if name in ALWAYS_FACTORS else f"{name} = {value:.6g}"
                 for name, value in named.items() if abs(c - value) <= RATIO_MATCH * abs(value)]
         if same:
             also = f" (or {', '.join(same[1:])})" if len(same) > 1 else ""
@@ -640,17 +640,16 @@ def format_table(results):
             waiting.setdefault(r.needs, []).append(r.name)
     for needed, names in waiting.items():
         one = len(names) == 1
-        lines.append(f"\n{', '.join(names)}: {'needs' if one else 'need'} {needed}, which still raises "
-                     f"NotImplementedError; write it first, then {'this check runs' if one else 'these checks run'}")
+        lines.append(f"\n{', '.join(names)}: {'needs' if one else 'need'} {needed} (not defined yet, or still "
+                     f"raising NotImplementedError); write it first, then "
+                     f"{'this check runs' if one else 'these checks run'}")
     for r in results:
-        if r.status in ("not implemented", "needs") or (r.passed and not r.hint):
+        if r.status in ("not implemented", "needs") or r.passed:  # a passing check carries no hint
             continue
         if r.problem is not None:
             lines.append(f"\n{r.name}: {r.problem}")
-        elif not r.passed:
-            lines += failure_lines(r)
         else:
-            lines.append(f"\n{r.name}:")
+            lines += failure_lines(r)
         if r.hint:
             lines.append(f"  hint: {r.hint}")
     return "\n".join(lines)

@@ -23,8 +23,9 @@ Run folder layout (``output_dir``):
     adapter/          the trained adapter (LoRA; model/ with --full: the whole model, HF layout)
     history.csv       one row per step: loss, lr, and the evaluations where made
     metrics.json      examples per split, parameter counts, final train/val/test loss (over
-                      eval_iter batches, as the book's printed losses), seconds, tokens per
-                      second of training (strict JSON: never NaN)
+                      eval_iter batches, as the book's printed losses), seconds, and
+                      tokens_per_second: the training tokens over the training loop's wall
+                      time, its evaluations and sample answers included (strict JSON: never NaN)
     loss.png          train vs validation loss against epochs (tokens seen on top)
     instruction-data-with-response.json   each test entry plus "model_response"
 """
@@ -107,10 +108,10 @@ class InstructionTask:
         try:
             for inputs, targets in batches:
                 logits = model.forward(inputs, keep_cache=False)  # [B, T, V]
-                loss, _ = layers.masked_cross_entropy_forward(logits, model.xp.asarray(targets),
-                                                              ignore_index=IGNORE_INDEX)
+                loss = layers.masked_cross_entropy_forward(logits, model.xp.asarray(targets),
+                                                           ignore_index=IGNORE_INDEX)[0]  # its cache goes at once
                 losses.append(float(loss))
-                del logits  # one logits-sized array at a time
+                del logits  # with the cache gone: one logits-sized array at a time
         finally:
             model.train()
         return {"loss": float(np.mean(losses)) if losses else float("nan")}
@@ -207,7 +208,7 @@ def run_instruct(opts, log=print, progress=None):
     resume = prepare_run_folder(out, opts, log)
     t0 = time.perf_counter()
     model = build_model(opts, log)
-    opt, state = start_training(model, opts, ckpt, resume, log)
+    opt, state = start_training(model, opts, ckpt, resume, log, full=opts.full)
     task = InstructionTask(tokenizer, format_input(data.val.entries[0]))
     train_loader, val_loader, test_loader = loaders
     state = train(model, opt, task, train_loader, val_loader, opts.train_config(), checkpoint_dir=ckpt,
@@ -224,7 +225,8 @@ def run_instruct(opts, log=print, progress=None):
         "train_loss": losses["train"], "val_loss": losses["val"], "test_loss": losses["test"],
         "seconds": seconds, "training_seconds": state.seconds, "steps": state.step,
         "examples_seen": state.examples_seen, "tokens_seen": state.tokens_seen,
-        # tokens_seen is None for a run resumed from a checkpoint that did not count them
+        # tokens_seen is None for a run resumed from a checkpoint that did not count them; the
+        # loop's wall time includes its evaluations, so this is what a run delivers, not a step's rate
         "tokens_per_second": state.tokens_seen / state.seconds if state.tokens_seen and state.seconds else None,
         "truncated_texts": data.count_longer_than(opts.max_length),
         "options": asdict(opts), "device": model.device, "resumed": resume,

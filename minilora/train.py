@@ -450,14 +450,13 @@ RUN_CONFIG_FILE = "run_config.json"
 CHECKPOINT_DIR = "checkpoint"
 
 
-def start_training(model, opts, checkpoint_dir, resume, log):
+def start_training(model, opts, checkpoint_dir, resume, log, full=False):
     """The optimizer and loop state a job starts from (state None: a fresh run): the
     checkpoint's when resuming (its adapter or trained weights included), else LoRA applied
-    as `opts` says, or nothing frozen when opts.full (full fine-tuning)."""
+    as `opts` says, or nothing frozen when `full` (full fine-tuning)."""
     from .lora import apply_lora
     from .optim import AdamW
 
-    full = getattr(opts, "full", False)
     opt = AdamW(model, lr=opts.lr, weight_decay=opts.weight_decay)
     state = None
     if resume:
