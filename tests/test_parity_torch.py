@@ -70,26 +70,22 @@ def test_logits_and_all_gradients_match_torch(tiny_cfg, tiny_idx):
         np.testing.assert_allclose(grads[n], P[n].grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=n)
 
 
-def test_lora_logits_gradients_and_adamw_trajectory_match_torch(tiny_cfg, tiny_idx):
-    """Same initial LoRA values and batches: same logits, gradients and AdamW trajectory."""
-    model = ml.GPTModel(tiny_cfg, seed=0, dtype="float64").replace_head(2)
-    ml.apply_lora(model, rank=2, alpha=2, targets="all")
+def follow_torch(model, cfg, losses, steps=4, rtol=1e-10):
+    """Run AdamW on `model` and on the same values in torch for `steps` batches; at each step
+    the losses and every gradient agree, and at the end every parameter. losses(rng, logits,
+    tl) draws a batch's targets and returns (loss, dlogits, torch loss)."""
     P = {n: torch.tensor(p.copy(), requires_grad=n in model.trainable) for n, p in model.params.items()}
     s = model.lora.scale
     topt = torch.optim.AdamW([P[n] for n in model.trainable], lr=1e-2, weight_decay=0.1)
     opt = ml.AdamW(model, lr=1e-2, weight_decay=0.1)
     rng = np.random.default_rng(1)
-    for step in range(4):
-        idx = rng.integers(0, tiny_cfg.vocab_size, size=(3, 6))
-        labels = rng.integers(0, 2, size=3)
+    for step in range(steps):
+        idx = rng.integers(0, cfg.vocab_size, size=(3, 6))
         logits = model.forward(idx)
-        loss, cache = ml.layers.cross_entropy_forward(logits[:, -1, :], labels)
-        dlogits = np.zeros_like(logits)
-        dlogits[:, -1] = ml.layers.cross_entropy_backward(1.0, cache)[0]
-        grads = model.backward(dlogits)
         adapters = {ad.prefix: (P[ad.prefix + ".lora_A"], P[ad.prefix + ".lora_B"], s) for ad in model.lora.adapters}
-        tl = torch_gpt2(P, torch.tensor(idx), tiny_cfg, adapters)
-        tloss = F.cross_entropy(tl[:, -1, :], torch.tensor(labels))
+        tl = torch_gpt2(P, torch.tensor(idx), cfg, adapters)
+        loss, dlogits, tloss = losses(rng, logits, tl)
+        grads = model.backward(dlogits)
         topt.zero_grad()
         tloss.backward()
         assert float(loss) == pytest.approx(tloss.item(), rel=1e-12)
@@ -98,7 +94,22 @@ def test_lora_logits_gradients_and_adamw_trajectory_match_torch(tiny_cfg, tiny_i
         opt.step(grads)
         topt.step()
     for n in model.params:
-        np.testing.assert_allclose(model.params[n], P[n].detach().numpy(), rtol=1e-10, atol=1e-13, err_msg=n)
+        np.testing.assert_allclose(model.params[n], P[n].detach().numpy(), rtol=rtol, atol=1e-13, err_msg=n)
+
+
+def test_lora_logits_gradients_and_adamw_trajectory_match_torch(tiny_cfg):
+    """Same initial LoRA values and batches: same logits, gradients and AdamW trajectory."""
+    model = ml.GPTModel(tiny_cfg, seed=0, dtype="float64").replace_head(2)
+    ml.apply_lora(model, rank=2, alpha=2, targets="all")
+
+    def last_position_loss(rng, logits, tl):
+        labels = rng.integers(0, 2, size=3)
+        loss, cache = ml.layers.cross_entropy_forward(logits[:, -1, :], labels)
+        dlogits = np.zeros_like(logits)
+        dlogits[:, -1] = ml.layers.cross_entropy_backward(1.0, cache)[0]
+        return loss, dlogits, F.cross_entropy(tl[:, -1, :], torch.tensor(labels))
+
+    follow_torch(model, tiny_cfg, last_position_loss)
 
 
 def test_lora_language_model_with_the_head_adapter_follows_torch(tiny_cfg):
@@ -107,29 +118,14 @@ def test_lora_language_model_with_the_head_adapter_follows_torch(tiny_cfg):
     model = ml.GPTModel(tiny_cfg, seed=0, dtype="float64")
     ml.apply_lora(model, rank=2, alpha=2, scaling="alpha", targets="all")
     assert "lm_head" in model.lora.targets
-    P = {n: torch.tensor(p.copy(), requires_grad=n in model.trainable) for n, p in model.params.items()}
-    s = model.lora.scale
-    topt = torch.optim.AdamW([P[n] for n in model.trainable], lr=1e-2, weight_decay=0.1)
-    opt = ml.AdamW(model, lr=1e-2, weight_decay=0.1)
-    rng = np.random.default_rng(1)
-    for step in range(4):
-        idx = rng.integers(0, tiny_cfg.vocab_size, size=(3, 6))
+
+    def masked_token_loss(rng, logits, tl):
         targets = rng.integers(0, tiny_cfg.vocab_size, size=(3, 6))
         targets[0, 4:] = targets[2, 5:] = -100  # padding, ignored
-        logits = model.forward(idx)
         loss, cache = ml.layers.masked_cross_entropy_forward(logits, targets)
-        grads = model.backward(ml.layers.masked_cross_entropy_backward(1.0, cache)[0])
-        adapters = {ad.prefix: (P[ad.prefix + ".lora_A"], P[ad.prefix + ".lora_B"], s) for ad in model.lora.adapters}
-        tl = torch_gpt2(P, torch.tensor(idx), tiny_cfg, adapters)
         tloss = F.cross_entropy(tl.flatten(0, 1), torch.tensor(targets).flatten(), ignore_index=-100)
-        topt.zero_grad()
-        tloss.backward()
-        assert float(loss) == pytest.approx(tloss.item(), rel=1e-12)
-        for n in model.trainable:
-            np.testing.assert_allclose(grads[n], P[n].grad.numpy(), rtol=1e-8, atol=1e-13, err_msg=f"{step} {n}")
-        opt.step(grads)
-        topt.step()
-    # 4 AdamW steps in float64: ~1e-15 per step of rounding, amplified at most by lr/eps-sized
-    # moment ratios where a gradient is ~0; 1e-9 leaves room for that, a wrong step is off by ~lr
-    for n in model.params:
-        np.testing.assert_allclose(model.params[n], P[n].detach().numpy(), rtol=1e-9, atol=1e-12, err_msg=n)
+        return loss, ml.layers.masked_cross_entropy_backward(1.0, cache)[0], tloss
+
+    # 4 AdamW steps in float64: ~1e-15 of rounding per step, amplified where a gradient is ~0
+    # (the update is then a ratio of two tiny moments); 1e-9 leaves room, a wrong step is off by ~lr
+    follow_torch(model, tiny_cfg, masked_token_loss, rtol=1e-9)
