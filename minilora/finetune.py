@@ -24,12 +24,11 @@ from .adapters import save_adapter
 from .backend import resolve_device
 from .data import BATCHINGS, PAD_MODES
 from .errors import OptionError
-from .files import write_text
 from .lora import config_sites, select_targets
 from .model import GPTModel
 from .tasks import POOLS, ClassificationTask, evaluate
 from .train import (CHECKPOINT_DIR, JobOptions, history_csv, prepare_run_folder, run_seconds,  # noqa: F401
-                    start_training, strict_json, train)  # strict_json: imported from here by the tests and benchmarks
+                    start_training, strict_json, train, write_run_record)  # strict_json: imported from here by the tests and benchmarks
 from .weights import read_config
 
 # The book's two published recipes: the current notebook (default) and the print edition.
@@ -168,11 +167,7 @@ def run_finetune(opts, log=print, progress=None):
     }
     save_adapter(model, out / "adapter", base_model=model_reference(opts.model), class_names=data.class_names,
                  max_length=data.max_length, pool=opts.pool, pad=opts.pad, batching=opts.batching)
-    from .plots import plot_run  # matplotlib loads only for a run that writes its plots
-
-    write_text(out / "history.csv", history_csv(state, task.epoch_metrics))
-    plot_run(state, len(train_loader) * opts.batch_size, out, task.epoch_metrics)
-    write_text(out / "metrics.json", strict_json(metrics))
+    write_run_record(out, state, task, len(train_loader) * opts.batch_size, metrics)
     log(f"Training accuracy: {accuracies['train'] * 100:.2f}%")
     log(f"Validation accuracy: {accuracies['val'] * 100:.2f}%")
     log(f"Test accuracy: {accuracies['test'] * 100:.2f}%")

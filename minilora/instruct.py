@@ -41,7 +41,6 @@ from . import layers
 from .adapters import save_adapter
 from .backend import resolve_device
 from .errors import OptionError
-from .files import write_text
 from .finetune import model_reference
 from .generate import generate
 from .instructions import (DEFAULT_ALLOWED_MAX_LENGTH, IGNORE_INDEX, RESPONSES_FILE, format_answer, format_input,
@@ -49,8 +48,8 @@ from .instructions import (DEFAULT_ALLOWED_MAX_LENGTH, IGNORE_INDEX, RESPONSES_F
 from .lora import config_sites, select_targets
 from .model import GPTModel
 from .tokenizer import END_OF_TEXT_ID, get_tokenizer
-from .train import (CHECKPOINT_DIR, JobOptions, history_csv, prepare_run_folder, run_seconds, start_training,
-                    strict_json, train)
+from .train import (CHECKPOINT_DIR, JobOptions, prepare_run_folder, run_seconds, start_training, train,
+                    write_run_record)
 from .weights import read_config, save_pretrained
 
 ANSWER_MAX_NEW_TOKENS = 256  # the book's answers to the test set (chapter 7, section 7.7)
@@ -235,14 +234,10 @@ def run_instruct(opts, log=print, progress=None):
         save_pretrained(model, out / "model")
     else:
         save_adapter(model, out / "adapter", base_model=model_reference(opts.model), max_length=opts.max_length)
-    from .plots import plot_run  # matplotlib loads only for a run that writes its plots
-
-    write_text(out / "history.csv", history_csv(state, task.epoch_metrics))
     # the book plots chapter 7's losses against tokens seen; a run resumed from a checkpoint
     # that did not count them (None) keeps examples seen
     seen = "tokens_seen" if state.tokens_seen is not None else "examples_seen"
-    plot_run(state, len(train_loader) * opts.batch_size, out, task.epoch_metrics, seen=seen)
-    write_text(out / "metrics.json", strict_json(metrics))
+    write_run_record(out, state, task, len(train_loader) * opts.batch_size, metrics, seen=seen)
     log(f"Training loss: {losses['train']:.3f}")
     log(f"Validation loss: {losses['val']:.3f}")
     log(f"Test loss: {losses['test']:.3f}")

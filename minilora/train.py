@@ -474,6 +474,16 @@ def start_training(model, opts, checkpoint_dir, resume, log, full=False):
     return opt, state
 
 
+def write_run_record(out, state, task, examples_per_epoch, metrics, seen="examples_seen"):
+    """A finished run's history.csv, plots (against `seen`: examples_seen or tokens_seen) and
+    metrics.json, each written whole (files.write_text)."""
+    from .plots import plot_run  # matplotlib loads only for a run that writes its plots
+
+    write_text(out / "history.csv", history_csv(state, task.epoch_metrics))
+    plot_run(state, examples_per_epoch, out, task.epoch_metrics, seen=seen)
+    write_text(out / "metrics.json", strict_json(metrics))
+
+
 def run_seconds(state, t0):
     """Wall time of this process since t0, plus the training time of earlier segments of a resumed run."""
     return time.perf_counter() - t0 + state.seconds - state.segment_seconds
