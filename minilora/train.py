@@ -24,18 +24,17 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
-from .adapters import load_adapter, write_adapter
 from .backend import DTYPES, to_numpy
-from .errors import CheckpointStateError, MiniloraError, OptionError, RunFolderError
-from .files import atomic_folder, recover_folder, write_text
+from .checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint  # noqa: F401
+from .errors import CheckpointStateError, MiniloraError, OptionError
+from .files import write_text
 from .lora import SCALINGS
+from .run_folder import CHECKPOINT_DIR, RUN_CONFIG_FILE, prepare_run_folder  # noqa: F401  (the jobs import them from here)
 from .tasks import ClassificationTask, evaluate  # noqa: F401  (evaluate: examples/appendix_e.py imports it from here)
 
 
@@ -94,37 +93,6 @@ class TrainConfig:
         for name in ("epochs", "eval_freq", "eval_iter"):
             if getattr(self, name) < 1:
                 raise OptionError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass
-class LoopState:
-    """Where a run is: enough, with the adapter and the optimizer, to resume exactly."""
-
-    epoch: int = 0  # the epoch in progress (0-based)
-    batch: int = 0  # batches of that epoch already done
-    step: int = 0  # optimizer steps taken
-    examples_seen: int = 0
-    # token positions seen, padding included (the book's tokens_seen); None: not counted, as in
-    # a checkpoint written before this field existed (its earlier steps cannot be recounted)
-    tokens_seen: int = 0
-    task: str = "classification"  # the task that wrote the state (older states: the classifier)
-    history: list = field(default_factory=list)  # one dict per step (see train)
-    evals: list = field(default_factory=list)  # {step, epoch, examples_seen, tokens_seen, train_loss, val_loss}
-    epochs: list = field(default_factory=list)  # {epoch, examples_seen, tokens_seen, what the task's end_of_epoch records}
-    done: bool = False
-    seconds: float = 0.0  # training-loop wall time, summed over every segment of a resumed run
-    segment_seconds: float = 0.0  # the part of `seconds` spent in the latest segment
-
-    @classmethod
-    def from_dict(cls, saved, source):
-        """A LoopState from its saved dict; a field the dict lacks takes the value that a
-        state written before the field existed means (tokens_seen: None, not counted)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(saved) - known)
-        if unknown:
-            raise CheckpointStateError(f"{source}: unknown loop state field(s) {unknown}; it was written "
-                                       f"by another version of minilora")
-        return cls(**{"tokens_seen": None, **saved})
 
 
 # ---------------------------------------------------------------------------- one step
@@ -275,99 +243,6 @@ def _progress_bar(total, initial, progress):
                 desc="fine-tuning")
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-STATE_FILE = "state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-ADAPTER_DIR = "adapter"
-TRAINED_FILE = "trained.safetensors"  # full fine-tuning (no LoRA): the trained parameters themselves
-
-
-def save_checkpoint(folder, model, opt, state):
-    """Write adapter (or, for a model without LoRA, its trainable parameters) + optimizer
-    + loop state to `folder`, atomically: everything goes to a sibling temporary folder
-    that then replaces `folder` (minilora.files), so a crash or a full disk mid-save
-    leaves the previous checkpoint intact."""
-    with atomic_folder(folder) as tmp:
-        if model.lora is not None:
-            write_adapter(model, tmp / ADAPTER_DIR)  # the checkpoint folder itself is the atomic unit
-        else:
-            save_file({n: np.ascontiguousarray(to_numpy(model.params[n])) for n in model.trainable},
-                      str(tmp / TRAINED_FILE))
-        opt_state = opt.state_dict()
-        tensors = {f"m/{n}": a for n, a in opt_state.pop("m").items()}
-        tensors.update({f"v/{n}": a for n, a in opt_state.pop("v").items()})
-        save_file({k: np.ascontiguousarray(a) for k, a in tensors.items()}, str(tmp / OPTIMIZER_FILE))
-        meta = {"loop": asdict(state), "optimizer": opt_state,
-                "dropout_rng": model._dropout_rng.bit_generator.state}
-        (tmp / STATE_FILE).write_text(json.dumps(meta))
-
-
-def has_checkpoint(folder):
-    # a crash between atomic_folder's two renames leaves the previous checkpoint as <folder>.old
-    return recover_folder(folder, lambda f: (f / STATE_FILE).is_file())
-
-
-def load_checkpoint(folder, model, opt):
-    """Restore adapter (into a model without LoRA), optimizer and dropout generator from
-    `folder`; returns the LoopState to pass to train."""
-    folder = Path(folder)
-    meta = _read_state(folder)
-    if (folder / TRAINED_FILE).is_file():
-        _load_trained(model, folder / TRAINED_FILE)
-    else:
-        load_adapter(model, folder / ADAPTER_DIR)
-    tensors = load_file(str(folder / OPTIMIZER_FILE))
-    opt_state = dict(meta["optimizer"])
-    opt_state["m"] = {k[2:]: a for k, a in tensors.items() if k.startswith("m/")}
-    opt_state["v"] = {k[2:]: a for k, a in tensors.items() if k.startswith("v/")}
-    try:
-        opt.load_state_dict(opt_state)
-    except KeyError as e:  # moments for parameters the adapter lacks: a damaged checkpoint
-        raise CheckpointStateError(f"{folder / OPTIMIZER_FILE}: {e.args[0]}") from e
-    model._dropout_rng.bit_generator.state = meta["dropout_rng"]
-    return LoopState.from_dict(meta["loop"], folder / STATE_FILE)
-
-
-def _load_trained(model, path):
-    """Copy a full fine-tuning checkpoint's parameters into the model, in place (the
-    optimizer holds no copies), after checking that they are the model's trainable set."""
-    tensors = load_file(str(path))
-    if set(tensors) != set(model.trainable):
-        missing, extra = sorted(set(model.trainable) - set(tensors)), sorted(set(tensors) - set(model.trainable))
-        raise CheckpointStateError(f"{path}: not this model's trained parameters (missing {missing[:3]}, "
-                                   f"unknown {extra[:3]})")
-    for name, array in tensors.items():
-        if array.shape != model.params[name].shape:
-            raise CheckpointStateError(f"{path}: {name} has shape {array.shape}, the model's is "
-                                       f"{model.params[name].shape}")
-        model.params[name][...] = model.xp.asarray(array)
-
-
-def read_loop_state(folder):
-    """The LoopState of the checkpoint in `folder` alone (how far the run got), cheaply."""
-    folder = Path(folder)
-    return LoopState.from_dict(_read_state(folder)["loop"], folder / STATE_FILE)
-
-
-STATE_KEYS = ("loop", "optimizer", "dropout_rng")
-
-
-def _read_state(folder):
-    """state.json, checked as a whole: valid JSON holding every key a resume reads."""
-    if not has_checkpoint(folder):
-        raise FileNotFoundError(f"no checkpoint in {folder}")
-    path = folder / STATE_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointStateError(f"{path} is not valid JSON ({e}): the checkpoint is damaged") from e
-    missing = [k for k in STATE_KEYS if not isinstance(meta, dict) or not isinstance(meta.get(k), dict)]
-    if missing:
-        raise CheckpointStateError(f"{path} lacks {', '.join(missing)}: the checkpoint is damaged")
-    return meta
-
-
 # ---------------------------------------------------------------------------- the options every job shares
 
 
@@ -446,9 +321,6 @@ class JobOptions:
 
 # ---------------------------------------------------------------------------- the run folder
 
-RUN_CONFIG_FILE = "run_config.json"
-CHECKPOINT_DIR = "checkpoint"
-
 
 def start_training(model, opts, checkpoint_dir, resume, log, full=False):
     """The optimizer and loop state a job starts from (state None: a fresh run): the
@@ -487,48 +359,6 @@ def write_run_record(out, state, task, examples_per_epoch, metrics, seen="exampl
 def run_seconds(state, t0):
     """Wall time of this process since t0, plus the training time of earlier segments of a resumed run."""
     return time.perf_counter() - t0 + state.seconds - state.segment_seconds
-
-
-def prepare_run_folder(out, opts, log):
-    """Make the run folder `out` ready for the job of `opts` (a JobOptions); returns True
-    when a checkpoint there is to be resumed.
-
-    A fresh run needs an empty or new folder; --resume needs the same options as the
-    run it continues (type(opts).RESUME_KEYS; it starts afresh, saying so, when no
-    checkpoint was written yet), except --epochs, which may grow to extend the run.
-    """
-    out = Path(out)
-    cfg_path = out / RUN_CONFIG_FILE
-    wanted = {k: getattr(opts, k) for k in type(opts).RESUME_KEYS}
-    if opts.resume and cfg_path.exists():
-        try:
-            saved = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise RunFolderError(f"{cfg_path} is not valid JSON ({e}); it is not a run folder minilora wrote") from e
-        saved = {**type(opts).RESUME_DEFAULTS, **saved}
-        diff = [f"{k}: {saved.get(k)!r} -> {wanted[k]!r}" for k in wanted if saved.get(k) != wanted[k]]
-        if diff:
-            raise RunFolderError(f"{out} holds a run with other options; resume with the same ones "
-                                 f"or use another --output-dir:\n  " + "\n  ".join(diff))
-        if has_checkpoint(out / CHECKPOINT_DIR):
-            state = read_loop_state(out / CHECKPOINT_DIR)
-            started = state.epoch + (1 if state.batch else 0)  # epochs done or under way
-            if started > opts.epochs:
-                raise OptionError(f"--epochs {opts.epochs}: the run in {out} has already trained "
-                                  f"{started} epoch(s); resume with --epochs {started} or more")
-            if opts.epochs > saved.get("epochs", opts.epochs):
-                log(f"Extending the run in {out} from {saved['epochs']} to {opts.epochs} epochs")
-            write_text(cfg_path, json.dumps({**wanted, "epochs": opts.epochs}, indent=2))
-            return True
-        log(f"{out} has no checkpoint yet: starting the run afresh")
-        return False
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"--output-dir {out} is a file, not a folder")
-    if out.exists() and any(p.name != RUN_CONFIG_FILE for p in out.iterdir()):  # a run got under way
-        raise RunFolderError(f"{out} already holds a run: pass --resume to continue it, or choose "
-                             f"another --output-dir")
-    write_text(cfg_path, json.dumps({**wanted, "epochs": opts.epochs}, indent=2))
-    return False
 
 
 def history_csv(state, epoch_metrics=("accuracy",)):

@@ -17,6 +17,7 @@ import pytest
 
 import minilora as ml
 from minilora import cli
+from minilora import checkpoint
 from minilora import train as train_mod
 
 from fixtures_weights import TINY_REAL_VOCAB
@@ -243,13 +244,13 @@ def _fill_disk_when(module, condition, monkeypatch):
 
 def test_full_disk_during_the_checkpoint(offline, tiny_checkpoint, tmp_path, monkeypatch, capsys):
     data, out = write_csv(tmp_path / "d.csv"), tmp_path / "run"
-    real = _fill_disk_when(train_mod, lambda p: p.name == "optimizer.safetensors", monkeypatch)
+    real = _fill_disk_when(checkpoint, lambda p: p.name == "optimizer.safetensors", monkeypatch)
     assert finetune(tiny_checkpoint, data, out) == 1
     line = error_line(capsys)
     assert line == (f"minilora finetune: error: cannot write {out / 'checkpoint'}: No space left on device "
                     f"(check --output-dir {out})")
     assert leftovers(out) == [] and not (out / "checkpoint").exists()
-    monkeypatch.setattr(train_mod, "save_file", real)  # space is back
+    monkeypatch.setattr(checkpoint, "save_file", real)  # space is back
     assert finetune(tiny_checkpoint, data, out, "--resume") == 0
     assert (out / "metrics.json").is_file() and leftovers(out) == []
 
@@ -301,13 +302,13 @@ def test_a_failed_checkpoint_keeps_the_previous_one(tiny_cfg, tmp_path, monkeypa
     model.replace_head(2)
     ml.apply_lora(model, rank=2, alpha=2)
     opt, ckpt = ml.AdamW(model), tmp_path / "checkpoint"
-    train_mod.save_checkpoint(ckpt, model, opt, train_mod.LoopState(step=1))
-    _fill_disk_when(train_mod, lambda p: True, monkeypatch)
+    checkpoint.save_checkpoint(ckpt, model, opt, checkpoint.LoopState(step=1))
+    _fill_disk_when(checkpoint, lambda p: True, monkeypatch)
     with pytest.raises(WriteError, match=f"cannot write {ckpt}: No space left on device"):
-        train_mod.save_checkpoint(ckpt, model, opt, train_mod.LoopState(step=2))
-    assert train_mod.read_loop_state(ckpt).step == 1 and leftovers(tmp_path) == []
+        checkpoint.save_checkpoint(ckpt, model, opt, checkpoint.LoopState(step=2))
+    assert checkpoint.read_loop_state(ckpt).step == 1 and leftovers(tmp_path) == []
     os.replace(ckpt, tmp_path / "checkpoint.old")  # as a crash between atomic_folder's two renames leaves it
-    assert train_mod.has_checkpoint(ckpt) and train_mod.read_loop_state(ckpt).step == 1
+    assert checkpoint.has_checkpoint(ckpt) and checkpoint.read_loop_state(ckpt).step == 1
 
 
 def test_output_dir_that_cannot_be_a_folder(offline, tiny_checkpoint, tmp_path, capsys):

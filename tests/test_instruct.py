@@ -26,6 +26,7 @@ from safetensors.numpy import load_file
 
 import minilora as ml
 from minilora import cli
+from minilora import checkpoint
 from minilora import train as train_mod
 from minilora.instructions import INSTRUCTION_DATA_FILE, RESPONSES_FILE, format_input
 from minilora.weights import save_pretrained
@@ -232,7 +233,7 @@ def test_full_finetuning_trains_every_parameter_and_saves_the_model(small_file, 
     assert metrics["trainable_params"] == metrics["total_params"] == sum(
         int(np.prod(s)) for s in ml.config.param_shapes(TINY).values())
     assert not (out / "adapter").exists()
-    assert set(load_file(str(out / "checkpoint" / train_mod.TRAINED_FILE))) == set(ml.config.param_shapes(TINY))
+    assert set(load_file(str(out / "checkpoint" / checkpoint.TRAINED_FILE))) == set(ml.config.param_shapes(TINY))
     trained = ml.GPTModel.from_pretrained(str(out / "model"))
     before = ml.GPTModel.from_pretrained(str(eot_checkpoint))
     assert not np.array_equal(trained.params["wte.weight"], before.params["wte.weight"])
@@ -241,13 +242,13 @@ def test_full_finetuning_trains_every_parameter_and_saves_the_model(small_file, 
 def test_a_full_finetuning_checkpoint_restores_the_parameters_exactly(tiny_cfg, tmp_path):
     trained = ml.GPTModel(tiny_cfg, seed=1)
     opt = ml.AdamW(trained)
-    train_mod.save_checkpoint(tmp_path / "ckpt", trained, opt, train_mod.LoopState(task="instruction", step=3))
+    checkpoint.save_checkpoint(tmp_path / "ckpt", trained, opt, checkpoint.LoopState(task="instruction", step=3))
     fresh = ml.GPTModel(tiny_cfg, seed=2)
-    state = train_mod.load_checkpoint(tmp_path / "ckpt", fresh, ml.AdamW(fresh))
+    state = checkpoint.load_checkpoint(tmp_path / "ckpt", fresh, ml.AdamW(fresh))
     assert state.step == 3
     for name in trained.params:
         np.testing.assert_array_equal(fresh.params[name], trained.params[name], err_msg=name)
     frozen = ml.GPTModel(tiny_cfg, seed=2)
     frozen.freeze(["wte.weight"])  # another trainable set: the checkpoint is not this model's
-    with pytest.raises(train_mod.CheckpointStateError, match="not this model's trained parameters"):
-        train_mod.load_checkpoint(tmp_path / "ckpt", frozen, ml.AdamW(frozen))
+    with pytest.raises(checkpoint.CheckpointStateError, match="not this model's trained parameters"):
+        checkpoint.load_checkpoint(tmp_path / "ckpt", frozen, ml.AdamW(frozen))

@@ -8,6 +8,7 @@ import pytest
 
 import minilora as ml
 from minilora import tasks as tasks_mod
+from minilora import checkpoint
 from minilora import train as train_mod
 from minilora.data import BatchLoader, make_loaders
 from minilora.errors import CheckpointStateError
@@ -417,7 +418,7 @@ def test_a_damaged_state_file_is_named_with_what_it_lacks(tiny_cfg, tmp_path):
     model = ml.GPTModel(tiny_cfg, seed=0).replace_head(2)
     ml.apply_lora(model, rank=2, alpha=2)
     opt = ml.AdamW(model)
-    train_mod.save_checkpoint(tmp_path / "ckpt", model, opt, train_mod.LoopState(step=1))
+    checkpoint.save_checkpoint(tmp_path / "ckpt", model, opt, checkpoint.LoopState(step=1))
     state_file = tmp_path / "ckpt" / "state.json"
     meta = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "optimizer"}))
@@ -425,4 +426,4 @@ def test_a_damaged_state_file_is_named_with_what_it_lacks(tiny_cfg, tmp_path):
         load_checkpoint(tmp_path / "ckpt", model, opt)
     state_file.write_text(json.dumps({**meta, "loop": {**meta["loop"], "future_field": 1}}))
     with pytest.raises(CheckpointStateError, match=r"unknown loop state field\(s\) \['future_field'\]"):
-        train_mod.read_loop_state(tmp_path / "ckpt")
+        checkpoint.read_loop_state(tmp_path / "ckpt")
