@@ -64,7 +64,8 @@ MODEL_TOL = 1e-6
 # and minilora.lora; `minilora gradcheck --module FILE` takes them from a learner's file
 # instead (examples/exercises/layers.py), so both go through exactly the same checks.
 LAYER_FUNCTIONS = [f"{layer}_{half}" for layer in ("embedding", "linear", "layernorm", "gelu", "dropout",
-                                                   "attention", "cross_entropy", "lora_linear")
+                                                   "attention", "cross_entropy", "masked_cross_entropy",
+                                                   "lora_linear")
                    for half in ("forward", "backward")]
 PROJECT_LAYERS = types.SimpleNamespace(**{name: getattr(layers, name, None) or getattr(lora, name)
                                            for name in LAYER_FUNCTIONS})
@@ -272,6 +273,24 @@ def rows_sum_to_zero(input, grad_name, why):
     return violation
 
 
+def rows_are_zero(input, grad_name, rows, why):
+    """An invariant: the gradient of `input` is exactly zero in `rows` (a boolean mask over
+    its leading axes). Returns a function grads -> None, or a line naming the first row
+    that is not."""
+
+    def violation(grads):
+        g = backend.to_numpy(grads[input]).astype(np.float64)
+        flat = g.reshape(-1, g.shape[-1])[np.asarray(backend.to_numpy(rows)).reshape(-1)]  # [ignored rows, V]
+        bad = np.abs(flat).max(axis=-1) > 0
+        if not bad.any():
+            return None
+        which = np.nonzero(np.asarray(backend.to_numpy(rows)).reshape(-1))[0][int(np.argmax(bad))]
+        return (f"{grad_name} must be exactly 0 in the ignored rows ({why}); yours is not in {int(bad.sum())} "
+                f"of {len(bad)}: row {which} has max |{grad_name}| {np.abs(flat[int(np.argmax(bad))]).max():.3e}")
+
+    return violation
+
+
 def check_layer(name, forward, backward, inputs, wrt, seed=0, tol=LAYER_TOL, h=1e-5,
                 parts=None, factors=None, invariants=(), backward_name="the backward"):
     """Check backward(G, cache) against finite differences of sum(forward(**inputs) * G).
@@ -409,6 +428,7 @@ def layer_checks(xp, seed=0, fns=PROJECT_LAYERS):
     idx = xp.asarray(np.array([[1, 3, 3, 0, 10], [3, 7, 1, 1, 3]]))  # repeated ids on purpose
     query_pos = xp.asarray(np.array([3, 0]))
     targets = xp.asarray(np.array([0, 4, 4, 1, 2, 4]))  # repeated classes
+    masked_targets = xp.asarray(np.array([0, -100, 4, 4, -100, 1]))  # 2 of 6 ignored
     hs, p_drop, p_att, s = 4, 0.3, 0.25, 1.7  # C=8 over 2 heads; the dropout rates; the LoRA scale
     heads = {"sqrt(hs)": hs ** 0.5, "1/sqrt(hs)": hs ** -0.5, "hs": float(hs), "1/hs": 1.0 / hs}
     dropped = {"1/(1-p)": 1 / (1 - p_att), "1-p": 1 - p_att}
@@ -441,6 +461,18 @@ def layer_checks(xp, seed=0, fns=PROJECT_LAYERS):
              factors={"N (the rows of the mean)": 6.0, "1/N": 1 / 6},
              invariants=[rows_sum_to_zero("logits", "dlogits", "the softmax of a row sums to 1 whatever the "
                                                                "logits, so its gradient is orthogonal to all-ones")]),
+        # a language model's loss: rows whose target is -100 (padding, a masked prompt) do not count,
+        # and the mean is over the M = 4 counted rows, not the N = 6 rows
+        case("masked_cross_entropy", "masked_cross_entropy",
+             lambda logits: f.masked_cross_entropy_forward(logits, masked_targets),
+             lambda G, cache: f.masked_cross_entropy_backward(float(G), cache),
+             dict(logits=arr(6, 5, scale=2.0)), dict(logits=0),
+             factors={"M/N (the mean over all N = 6 rows, not the M = 4 counted)": 4 / 6,
+                      "M (the counted rows of the mean)": 4.0, "1/M": 1 / 4},
+             invariants=[rows_sum_to_zero("logits", "dlogits", "the softmax of a row sums to 1 whatever the "
+                                                               "logits, so its gradient is orthogonal to all-ones"),
+                         rows_are_zero("logits", "dlogits", masked_targets == -100,
+                                       "an ignored row has no term in the loss")]),
     ]
     w, b = arr(7, 9), arr(9)  # frozen: the LoRA linear returns no gradient for them
     checks.append(case("lora_linear", "lora_linear", lambda x, A, B: f.lora_linear_forward(x, w, b, A, B, s),

@@ -20,7 +20,7 @@ EXERCISES = ROOT / "examples" / "exercises" / "layers.py"
 SOLUTIONS = """
 # the reference solutions: minilora's own backwards (the caches above are the same)
 from minilora.layers import (attention_backward, cross_entropy_backward, dropout_backward, embedding_backward,
-                             gelu_backward, layernorm_backward, linear_backward)
+                             gelu_backward, layernorm_backward, linear_backward, masked_cross_entropy_backward)
 from minilora.lora import lora_linear_backward
 """
 
@@ -192,6 +192,41 @@ def test_the_mean_left_out_of_cross_entropy_is_named(tmp_path):
     assert abs(ratio_of(r.hint, "logits") - 6.0) < 1e-6
     assert not r.violations  # its rows still sum to zero: only the scale is wrong
 
+
+MASKED_OVER_N = """
+def masked_cross_entropy_backward(dloss, cache):
+    probs, targets, counted, M, shape = cache
+    rows = np.nonzero(counted)[0]
+    dlogits = np.zeros_like(probs)
+    dlogits[rows] = probs[rows]
+    dlogits[rows, targets[rows]] -= 1.0
+    return (dloss * dlogits / len(targets),)  # wrong: / N, the ignored rows counted in the mean
+"""
+MASKED_IGNORED_ROWS_KEPT = """
+def masked_cross_entropy_backward(dloss, cache):
+    probs, targets, counted, M, shape = cache
+    dlogits = probs.copy()  # wrong: the ignored rows keep their softmax
+    rows = np.nonzero(counted)[0]
+    dlogits[rows, targets[rows]] -= 1.0
+    return (dloss * dlogits / M,)
+"""
+
+
+def test_the_masked_mean_over_all_rows_is_named(tmp_path):
+    """Dividing by N = 6 instead of the M = 4 counted rows scales every entry by 4/6."""
+    (r,) = check(learner_file(tmp_path, MASKED_OVER_N), "masked_cross_entropy").values()
+    assert r.status == "failed" and "M/N (the mean over all N = 6 rows, not the M = 4 counted)" in r.hint, r.hint
+    assert abs(ratio_of(r.hint, "logits") - 4 / 6) < 1e-6
+    assert not r.violations  # the ignored rows are 0 and every row sums to 0: only the scale is wrong
+
+
+def test_ignored_rows_with_a_gradient_break_the_zero_rows_invariant(tmp_path):
+    """Ignored rows that keep softmax(z) still sum to 1, not 0, and are not 0: both invariants."""
+    (r,) = check(learner_file(tmp_path, MASKED_IGNORED_ROWS_KEPT), "masked_cross_entropy").values()
+    assert r.status == "failed"
+    assert any(v.startswith("dlogits must be exactly 0 in the ignored rows (an ignored row has no term in "
+                            "the loss); yours is not in 2 of 2: row 1") for v in r.violations), r.violations
+    assert any(v.startswith("each row of dlogits must sum to zero") for v in r.violations), r.violations
 
 def test_the_constant_ratio_is_constant_to_far_below_its_tolerance(tmp_path):
     """The measured spread of analytic/numeric over the compared entries, for the two

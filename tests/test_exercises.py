@@ -14,11 +14,11 @@ from minilora import cli, gradcheck
 ROOT = Path(__file__).resolve().parent.parent
 EXERCISES = ROOT / "examples" / "exercises" / "layers.py"
 LAYERS = ["embedding", "linear", "layernorm", "gelu", "dropout", "attention", "attention_dropout",
-          "attention_one_query", "cross_entropy", "lora_linear"]
+          "attention_one_query", "cross_entropy", "masked_cross_entropy", "lora_linear"]
 SOLUTIONS = """
 # the reference solutions: minilora's own backwards (the caches above are the same)
 from minilora.layers import (attention_backward, cross_entropy_backward, dropout_backward, embedding_backward,
-                             gelu_backward, layernorm_backward, linear_backward)
+                             gelu_backward, layernorm_backward, linear_backward, masked_cross_entropy_backward)
 from minilora.lora import lora_linear_backward
 """
 BROKEN_LAYERNORM = """

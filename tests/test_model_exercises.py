@@ -147,7 +147,7 @@ def test_each_adamw_mistake_fails_and_is_told_apart_from_the_others():
 
 def test_the_layer_solutions_pass_every_layer_check():
     results = gradcheck.run_gradchecks(fns=gradcheck.load_layers(SOLUTIONS / "layers.py"))
-    assert len(results) == 10
+    assert len(results) == 11
     assert all(r.passed for r in results), gradcheck.format_table(results)
 
 

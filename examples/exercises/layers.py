@@ -218,6 +218,35 @@ def cross_entropy_backward(dloss, cache):
     raise NotImplementedError("cross_entropy_backward")
 
 
+# ---------------------------------------------------------------------------- masked cross-entropy
+
+
+def masked_cross_entropy_forward(logits, targets, ignore_index=-100):
+    """A language model's loss: cross_entropy over the rows whose target is not
+    ignore_index (padding, or a masked prompt, marked -100 by the data), the mean over
+    the M counted rows, not all N. logits: (N, V); targets: int (N,). Returns the loss
+    and cache [probs (N, V), targets, counted (N,) bool, M, the logits' shape] (a list,
+    as minilora.layers keeps it: its backward reuses probs' memory for dlogits)."""
+    counted = targets != ignore_index
+    if not counted.any():
+        raise ValueError("no position to count: every target is ignore_index")
+    z = logits - logits.max(axis=-1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))  # [N, V]
+    rows = np.nonzero(counted)[0]
+    return -logp[rows, targets[rows]].mean(), [probs, targets, counted, len(rows), logits.shape]
+
+
+def masked_cross_entropy_backward(dloss, cache):
+    """Return (dlogits,) (N, V) from dloss.
+
+    Hint: an ignored row has no term in the loss; and count what the mean divides by.
+    See docs/derivations.md#the-masked-mean-ignored-positions.
+    """
+    probs, targets, counted, M, shape = cache
+    raise NotImplementedError("masked_cross_entropy_backward")
+
+
 # ---------------------------------------------------------------------------- LoRA linear
 
 
