@@ -5,10 +5,14 @@ An adapter folder holds two files:
     adapter.safetensors     every lora_A / lora_B, and out_head.weight/.bias when the
                             head was replaced (it is random and frozen, so the adapter
                             is useless without the exact head it was trained with)
-    adapter_config.json     rank, alpha, scaling, dropout, targets, base model name and
+    minilora_adapter.json   rank, alpha, scaling, dropout, targets, base model name and
                             config, number of classes and their names, and how the
                             texts were fed in training (max length, padding, batching,
-                            pooling)
+                            pooling), checked on reading by adapter_schema()
+
+Older minilora versions named the config ``adapter_config.json``, which is Hugging Face
+PEFT's file name for another schema (PEFT tools that met ours failed obscurely); it is
+still read, and a folder that holds a PEFT adapter instead is named as one.
 
 save_adapter writes both into a temporary folder that then replaces the adapter folder
 whole (minilora.files.atomic_folder), so an interrupted save leaves the previous adapter
@@ -18,10 +22,12 @@ adapter puts back. Because the folder is replaced whole, it must hold nothing bu
 adapter. A caller whose bigger folder is already written atomically (a checkpoint)
 can write the two files into it with write_adapter instead.
 
-Loading checks everything against the model before changing anything: on any
-mismatch the model is left exactly as it was.
+Reading checks the whole config (minilora.schema) and every tensor (floating point,
+finite) before anything uses them; loading then checks everything against the model
+before changing anything: on any problem the model is left exactly as it was.
 """
 
+import functools
 import json
 from pathlib import Path
 
@@ -31,15 +37,118 @@ from safetensors.numpy import load_file, save_file
 from .backend import to_numpy
 from .errors import MiniloraError
 from .files import atomic_folder, recover_folder
-from .lora import adapter_sites, apply_lora
+from .lora import SCALINGS, adapter_sites, apply_lora
+from .schema import Field, FileCheckError, Schema, load_json
+from .tasks import POOLS
+from .weights import nonfinite_problem
 
 WEIGHTS_FILE = "adapter.safetensors"
-CONFIG_FILE = "adapter_config.json"
+CONFIG_FILE = "minilora_adapter.json"
+OLD_CONFIG_FILE = "adapter_config.json"  # what minilora wrote before: PEFT's name, read still
+PEFT_WEIGHTS_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT's save_pretrained writes
 FORMAT = "minilora-lora/1"
 
 
 class AdapterError(MiniloraError, ValueError):
     """An adapter that is malformed or does not fit the model it is loaded into."""
+
+
+# ---------------------------------------------------------------------------- the config's schema
+
+
+def _below_one(key):
+    """A relation: d[key] < 1 (the schema's limits are inclusive; a dropout of 1 drops all)."""
+    def relation(d):
+        return (key, f"expected a number in [0, 1), found {d[key]!r}") if d[key] >= 1 else None
+    return relation
+
+
+def _heads_divide_width(d):
+    if d["emb_dim"] % d["n_heads"]:
+        return "n_heads", f"expected a divisor of emb_dim ({d['emb_dim']}), found {d['n_heads']}"
+    return None
+
+
+# GPTConfig's fields with their types and limits (GPTConfig.__post_init__'s), every one
+# required: every minilora version wrote all seven.
+MODEL_CONFIG_SCHEMA = Schema("GPT-2 configuration", {
+    "vocab_size": Field("int", least=1), "context_length": Field("int", least=1),
+    "emb_dim": Field("int", least=1), "n_heads": Field("int", least=1), "n_layers": Field("int", least=1),
+    "drop_rate": Field("number", least=0), "qkv_bias": Field("bool"),
+}, relations=(_below_one("drop_rate"), _heads_divide_width))
+
+
+def _class_names_fit(d):
+    names, n = d["class_names"], d["num_classes"]
+    if names is None:
+        return None
+    if n is None:
+        return "class_names", "expected null: the adapter has no classifier head (num_classes is null)"
+    if len(names) != n:
+        return "class_names", f"expected {n} names (num_classes), found {len(names)}"
+    if len(set(names)) != n:
+        return "class_names", f"expected {n} different names, found {sorted(names)}"
+    return None
+
+
+def _per_target(key, spec):
+    """A relation: `key` is null or maps some of the targets each to a value that fits `spec`."""
+    def relation(d):
+        for target, value in (d[key] or {}).items():
+            if target not in d["targets"]:
+                return f"{key}.{target}", "not one of the targets"
+            problem = spec.problem(value)
+            if problem:
+                return f"{key}.{target}", problem
+        return None
+    return relation
+
+
+def _rank_fits_width(d):
+    width = d["model_config"]["emb_dim"]
+    for key, rank in [("rank", d["rank"]), *((f"ranks.{t}", r) for t, r in (d["ranks"] or {}).items())]:
+        if rank > width:  # apply_lora's own limit: a layer's update has rank at most its width
+            return key, f"expected at most model_config.emb_dim ({width}), found {rank}"
+    return None
+
+
+def _max_length_fits_context(d):
+    context = d["model_config"]["context_length"]
+    if d["max_length"] is not None and d["max_length"] > context:
+        return "max_length", f"expected at most model_config.context_length ({context}), found {d['max_length']}"
+    return None
+
+
+@functools.cache
+def adapter_schema():
+    """The schema of minilora_adapter.json, built on first use: PAD_MODES and BATCHINGS
+    live in minilora.data, whose pandas import would otherwise add half a second to
+    `import minilora`."""
+    from .data import BATCHINGS, PAD_MODES
+
+    return Schema("minilora adapter config", {
+        # the keys every minilora version wrote: required
+        "format": Field("str", choices=(FORMAT,)),
+        "rank": Field("int", least=1),
+        "alpha": Field("number", above=0),
+        "scaling": Field("str", choices=SCALINGS),
+        "dropout": Field("number", least=0),
+        "targets": Field("list", items=Field("str"), min_items=1),
+        "base_model": Field("str", nullable=True),
+        "model_config": Field("dict", schema=MODEL_CONFIG_SCHEMA),
+        "num_classes": Field("int", least=2, nullable=True),
+        # added later, so absent from older adapters: None, not recorded (readers then use the book's settings)
+        "class_names": Field("list", items=Field("str"), required=False, nullable=True),
+        "max_length": Field("int", least=1, required=False, nullable=True),
+        "pool": Field("str", choices=POOLS, required=False, nullable=True),
+        "pad": Field("str", choices=PAD_MODES, required=False, nullable=True),
+        "batching": Field("str", choices=BATCHINGS, required=False, nullable=True),
+        # {target: rank or alpha} for adapters with their own (lora.LoraState.config writes them only then)
+        "ranks": Field("dict", required=False, nullable=True),
+        "alphas": Field("dict", required=False, nullable=True),
+    }, relations=(_below_one("dropout"), _per_target("ranks", Field("int", least=1)),
+                  _per_target("alphas", Field("number", above=0)), _class_names_fit, _rank_fits_width,
+                  _max_length_fits_context))
 
 
 def save_adapter(model, folder, base_model=None, class_names=None, max_length=None, pool=None, pad=None,
@@ -57,8 +166,12 @@ def save_adapter(model, folder, base_model=None, class_names=None, max_length=No
     """
     tensors, config = _adapter_contents(model, base_model, class_names, max_length, pool, pad, batching)
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():  # atomic_folder would move the file aside for good
+        raise AdapterError(f"{folder} is a file, not a folder: an adapter is a folder of two files "
+                           f"({WEIGHTS_FILE}, {CONFIG_FILE}); save it to another path")
     if folder.is_dir():  # replacing the folder would delete whatever else it holds
-        others = sorted(p.name for p in folder.iterdir() if p.name not in (WEIGHTS_FILE, CONFIG_FILE))
+        ours = (WEIGHTS_FILE, CONFIG_FILE, OLD_CONFIG_FILE)  # an older minilora's adapter is replaced too
+        others = sorted(p.name for p in folder.iterdir() if p.name not in ours)
         if others:
             raise AdapterError(f"{folder} holds other files than an adapter ({', '.join(others[:3])}"
                                f"{', ...' if len(others) > 3 else ''}); saving replaces the folder whole: "
@@ -101,29 +214,86 @@ def _write_files(folder, tensors, config):
 
 
 def _is_adapter(folder):
-    return (folder / WEIGHTS_FILE).is_file() and (folder / CONFIG_FILE).is_file()
+    """Whether `folder` holds a whole minilora adapter (under either config name)."""
+    return (folder / WEIGHTS_FILE).is_file() and any((folder / n).is_file() for n in (CONFIG_FILE, OLD_CONFIG_FILE))
 
 
 def read_adapter(folder):
-    """(config dict, tensors dict of NumPy arrays) from an adapter folder, with clear errors."""
+    """(config dict, tensors dict of NumPy arrays) from an adapter folder, every part
+    checked: the config whole against adapter_schema() (absent later keys filled in
+    with None), each tensor floating point and finite. Errors are one line naming the
+    file, the key or tensor, and the format that was found."""
     folder = Path(folder)
     # a crash between save_adapter's two renames leaves the previous adapter as <folder>.old
     recover_folder(folder, _is_adapter)
-    cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    cfg_path, data = _read_config_json(folder)
+    found = _peft_adapter(folder, cfg_path, data)
+    if found:
+        # Here goes PEFT import (minilora/peft.py): return its (config, tensors), in this
+        # function's form, instead of refusing.
+        raise AdapterError(f"{folder} holds a Hugging Face PEFT adapter, not a minilora one ({found}); "
+                           f"minilora reads {CONFIG_FILE} + {WEIGHTS_FILE}")
+    w_path = folder / WEIGHTS_FILE
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise AdapterError(f"not an adapter folder: {p} is missing")
+    config = _check_config(cfg_path, data)
+    return config, _read_tensors(w_path)
+
+
+def _read_config_json(folder):
+    """(path, parsed JSON or None) of the folder's adapter config: minilora_adapter.json,
+    else the adapter_config.json of older minilora versions (or of PEFT)."""
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file() and (folder / OLD_CONFIG_FILE).is_file():
+        cfg_path = folder / OLD_CONFIG_FILE
+    if not cfg_path.is_file():
+        return cfg_path, None
     try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_path} is not valid JSON ({e})") from e
-    if config.get("format") != FORMAT:
-        raise AdapterError(f"{cfg_path}: unknown adapter format {config.get('format')!r}, expected {FORMAT!r}")
+        return cfg_path, load_json(cfg_path)
+    except FileCheckError as e:
+        raise AdapterError(str(e)) from None
+
+
+def _peft_adapter(folder, cfg_path, data):
+    """What shows the folder holds a PEFT adapter and no minilora one (for the error
+    line), or None: PEFT's config (its "peft_type" key) or PEFT's weights file."""
+    if cfg_path.name == CONFIG_FILE and cfg_path.is_file():  # a minilora adapter, whatever else is there
+        return None
+    if isinstance(data, dict) and "peft_type" in data and "format" not in data:
+        return f"{OLD_CONFIG_FILE} has peft_type {data['peft_type']!r}"
+    ours = isinstance(data, dict) and data.get("format") == FORMAT
+    weights = [n for n in PEFT_WEIGHTS_FILES if (folder / n).is_file()]
+    if weights and not ours:
+        return f"{weights[0]}, PEFT's weights file"
+    return None
+
+
+def _check_config(cfg_path, data):
+    """The config checked whole against adapter_schema(), the format first: a file of
+    another kind is named as such, not as a minilora adapter with odd keys."""
+    if isinstance(data, dict) and data.get("format") != FORMAT:
+        raise AdapterError(f"{cfg_path}: format: expected {FORMAT!r}, found {data.get('format')!r}: "
+                           f"not a minilora adapter config")
+    try:
+        return adapter_schema().check(data, f"{cfg_path} ({FORMAT})")
+    except FileCheckError as e:
+        raise AdapterError(str(e)) from None
+
+
+def _read_tensors(w_path):
+    """The adapter's tensors, each floating point and finite, or one line naming the tensor."""
     try:
         tensors = load_file(str(w_path))
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise AdapterError(f"{w_path} is not a readable safetensors file ({e})") from e
-    return config, tensors
+    for name, array in tensors.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            raise AdapterError(f"{w_path} ({FORMAT}): {name}: expected floating-point values, found {array.dtype}")
+        problem = nonfinite_problem(array)
+        if problem:  # NaN weights would train or classify on silently ("ham nan")
+            raise AdapterError(f"{w_path} ({FORMAT}): {name} {problem}")
+    return tensors
 
 
 def load_adapter(model, folder):
@@ -145,24 +315,39 @@ def load_adapter(model, folder):
     if not problems:
         problems = _check_tensors(model, config, tensors)
     if problems:
-        raise AdapterError(f"adapter {folder} does not fit this model:\n  " + "\n  ".join(problems))
+        raise AdapterError(f"adapter {folder} does not fit this model: " + "; ".join(problems))
+    cast = _cast_checked(model, tensors, Path(folder) / WEIGHTS_FILE)
     # everything checked: now change the model
     if num_classes is not None:
         if "out_head.weight" not in model.params:
             model.replace_head(num_classes)
         for n in ("out_head.weight", "out_head.bias"):
-            model.params[n] = model._to_model(tensors[n])
+            model.params[n] = model._to_model(cast[n])
+    own = {k: config[k] for k in ("ranks", "alphas") if config[k]}  # adapters with a rank or alpha of their own
     apply_lora(model, rank=config["rank"], alpha=config["alpha"], scaling=config["scaling"],
-               targets=config["targets"], dropout=config.get("dropout", 0.0))
+               targets=config["targets"], dropout=config["dropout"], **own)
     for n in model.lora.param_names:
-        model.params[n][...] = model._to_model(tensors[n])
+        model.params[n][...] = model._to_model(cast[n])
     return config
+
+
+def _cast_checked(model, tensors, w_path):
+    """The tensors cast to the model's dtype on the host, each still finite (a float64
+    adapter's values beyond float32's range would become inf in the cast)."""
+    cast = {}
+    for name, array in tensors.items():
+        with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
+            cast[name] = array.astype(model.dtype, copy=False)
+        problem = nonfinite_problem(cast[name], array)
+        if problem:
+            raise AdapterError(f"{w_path} ({FORMAT}): {name} {problem}")
+    return cast
 
 
 def _check_tensors(model, config, tensors):
     """Every problem (missing, unexpected, wrong shape) between the saved tensors and
     what the model would create for this adapter config."""
-    C, r = model.cfg.emb_dim, config["rank"]
+    C, ranks = model.cfg.emb_dim, config["ranks"] or {}
     num_classes = config.get("num_classes")
     expected = {}
     if num_classes is not None:
@@ -176,6 +361,7 @@ def _check_tensors(model, config, tensors):
             _, _, n_in, n_out = sites[prefix]
         else:
             return [f"adapter target {prefix!r} does not exist in this model"]
+        r = ranks.get(prefix, config["rank"])
         expected[prefix + ".lora_A"] = (n_in, r)
         expected[prefix + ".lora_B"] = (r, n_out)
     problems = [f"missing tensor {n}" for n in expected if n not in tensors]

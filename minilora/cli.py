@@ -6,7 +6,7 @@ command line, as argparse does); SIGTERM is handled like Ctrl-C.
 """
 
 import argparse
-import json
+import contextlib
 import math
 import os
 import signal
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import OptionError
+from .schema import strict_json
 
 
 def _int_at_least(least):
@@ -53,7 +54,7 @@ def cmd_gradcheck(args):
     results = run_gradchecks(device=args.device, seed=args.seed, only=only, fns=fns)
     passed = all(r.passed for r in results)
     if args.json:
-        print(json.dumps({"passed": passed, "checks": [r.to_dict() for r in results]}, indent=2))
+        print(strict_json({"passed": passed, "checks": [r.to_dict() for r in results]}))
     else:
         if args.module:
             print(f"Functions from {args.module}:")
@@ -102,20 +103,55 @@ def _read_adapter_settings(args):
     return config, settings
 
 
+@contextlib.contextmanager
+def _overflow_unannounced():
+    """Hide NumPy's "overflow / invalid value encountered" warnings, where the caller checks
+    the result for NaN and infinities and says what they mean (NumPy's words name no file).
+    A warnings filter rather than np.errstate, which holds for one thread only and would
+    miss the threads that run the batch's shards."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"(overflow|invalid value) encountered", RuntimeWarning)
+        yield
+
+
+def _base_model(args, config, read):
+    """read(name) for the base model named by --model, else by the adapter's config, else
+    gpt2-small; a failure with the adapter's name says where that name came from."""
+    name = args.model or config.get("base_model") or "gpt2-small"
+    try:
+        return read(name)
+    except ValueError as e:
+        if args.model:
+            raise
+        raise ValueError(f"{e} (the base model recorded in {args.adapter}; pass --model to say where it is)") from e
+
+
 def _load_classifier(args, config):
     """The base model named by --model (or the adapter's config) with the adapter loaded."""
     from .adapters import load_adapter
     from .model import GPTModel
 
-    name = args.model or config.get("base_model") or "gpt2-small"
-    try:
-        model = GPTModel.from_pretrained(name, dtype=args.dtype, device=args.device, offline=args.offline or None)
-    except ValueError as e:
-        if args.model:
-            raise
-        raise ValueError(f"{e}\n(the base model recorded in {args.adapter}; pass --model to say where it is)") from e
+    model = _base_model(args, config, lambda name: GPTModel.from_pretrained(
+        name, dtype=args.dtype, device=args.device, offline=args.offline or None))
     load_adapter(model, args.adapter)
     return model.eval()
+
+
+def _context_length(args, config, settings):
+    """The base model's context length, from its config alone (no weights read), with the
+    max_length texts are padded to checked against it: before the model loads, rather than
+    a shape error from inside it afterwards."""
+    from .weights import read_config
+
+    context = _base_model(args, config, lambda name: read_config(name, offline=args.offline or None)).context_length
+    max_length = settings["max_length"]
+    if max_length is None or max_length <= context:
+        return context
+    if args.max_length:
+        raise OptionError(f"--max-length {max_length} is longer than the model's context length ({context} tokens)")
+    # the adapter's own max_length, with a --model of a shorter context than the one it was trained on
+    raise OptionError(f"the adapter {args.adapter} pads texts to {max_length} tokens, more than the model's "
+                      f"context length ({context} tokens); pass --max-length {context} or less")
 
 
 def _match_labels(data, config, n_out):
@@ -147,7 +183,7 @@ def cmd_evaluate(args):
     config, settings = _read_adapter_settings(args)
     # the data first: it is quicker to load than the model and more often wrong
     kwargs = dict(max_length=settings["max_length"], offline=args.offline or None,
-                  context_length=config.get("model_config", {}).get("context_length", 1024))
+                  context_length=_context_length(args, config, settings))
     data = load_text_label_file(args.data, **kwargs) if args.data else load_sms_spam(**kwargs)
     model = _load_classifier(args, config)
     _match_labels(data, config, model.n_out)
@@ -157,12 +193,16 @@ def cmd_evaluate(args):
         # every example: no shuffling and no drop_last, unlike training; in order, or grouped
         # by length as the training run's evaluation was (data.make_loaders says why)
         loader = BatchLoader(split, args.batch_size, pad_to=settings["pad"], batching=settings["batching"])
-        loss, acc = evaluate(model, loader.epoch_batches(0), pool=settings["pool"])
+        with _overflow_unannounced():
+            loss, acc = evaluate(model, loader.epoch_batches(0), pool=settings["pool"])
+        if not math.isfinite(loss):  # the accuracy of NaN scores (argmax picks the first NaN) means nothing
+            warnings.warn(f"the {name} loss is {loss}: the adapter {args.adapter} or the model produced "
+                          f"non-finite scores, so the accuracy is meaningless")
         results[name] = {"loss": loss, "accuracy": acc, "examples": len(split)}
         if not args.json:
             print(f"{name:>5}: accuracy {acc * 100:.2f}%  loss {loss:.4f}  ({len(split)} examples)")
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(strict_json(results))
     return 0
 
 
@@ -170,23 +210,30 @@ def cmd_classify(args):
     import numpy as np
 
     from .backend import to_numpy
-    from .tokenizer import END_OF_TEXT_ID, get_tokenizer
+    from .errors import MiniloraError
+    from .tokenizer import END_OF_TEXT_ID, encode_text, get_tokenizer
 
     config, settings = _read_adapter_settings(args)
+    context = _context_length(args, config, settings)
     tok = get_tokenizer(offline=args.offline or None)
     model = _load_classifier(args, config)
     classes = config.get("class_names") or [str(k) for k in range(model.n_out)]
     max_length, pool = settings["max_length"], settings["pool"]
     # the book pads every text to the training length and reads the last position
     pad_to_max = max_length and pool == "last" and settings["pad"] == "dataset"
-    for text in args.text:
-        ids = tok.encode_ordinary(text)[: min(max_length or model.cfg.context_length, model.cfg.context_length)]
+    for number, text in enumerate(args.text, start=1):
+        ids = encode_text(tok, text)[: min(max_length or context, context)]
         real = max(len(ids), 1)
         if pad_to_max:
             ids = ids + [END_OF_TEXT_ID] * (max_length - len(ids))
         idx = np.array([ids or [END_OF_TEXT_ID]])
         pos = np.array([idx.shape[1] - 1 if pool == "last" else real - 1])
-        logits = to_numpy(model.forward(idx, keep_cache=False, positions=pos))[0].astype(np.float64)
+        with _overflow_unannounced():
+            logits = to_numpy(model.forward(idx, keep_cache=False, positions=pos))[0].astype(np.float64)
+        if not np.isfinite(logits).all():  # a NaN would print as a class with probability nan
+            found = ", ".join(sorted({str(v) for v in logits[~np.isfinite(logits)]}))
+            raise MiniloraError(f"the adapter {args.adapter} or the model produced non-finite scores ({found}) "
+                                f"for text {number} ({text[:40]!r}): no class can be read from them")
         p = np.exp(logits - logits.max())
         p /= p.sum()
         k = int(p.argmax())
@@ -244,9 +291,9 @@ def cmd_bench_compare(args):
     if args.out:
         from .files import write_text
 
-        write_text(args.out, json.dumps(report, indent=2))
+        write_text(args.out, strict_json(report))
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(strict_json(report))
         return 0
     r = report
     print(f"LoRA against full fine-tuning, {r['model']} shape (random weights), 2-class head, AdamW, "
@@ -272,7 +319,7 @@ def cmd_bench(args):
             if report.get("torch"):
                 report["torch_peak_rss_bytes"] = peak_rss("torch", args.model, args.batch_size, args.seq, args.rank)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(strict_json(report))
         return 0
     r = report
     print(f"LoRA training step, {r['model']} (random weights), rank {r['rank']} on every linear, 2-class head, "
@@ -544,8 +591,8 @@ def _check_bench_options(parser, args):
 def _user_errors():
     """What a command reports as one line (anything else is a bug and keeps its traceback):
     minilora's own errors; OSError (a file that cannot be read, a folder that cannot be
-    made); and ValueError, which lora.py, model.py, config.py, weights.py, optim.py and
-    generate.py still raise for bad input, until those derive from MiniloraError."""
+    made); and ValueError, which lora.py, model.py, config.py and weights.py still raise
+    for bad input, until those derive from MiniloraError."""
     from .errors import MiniloraError
 
     return (MiniloraError, ValueError, OSError)

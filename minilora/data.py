@@ -49,7 +49,7 @@ from .cache import cache_dir, is_offline
 from .download import DownloadError, download
 from .errors import MiniloraError
 from .files import atomic_path
-from .tokenizer import END_OF_TEXT_ID, get_tokenizer
+from .tokenizer import END_OF_TEXT_ID, encode_texts, get_tokenizer
 
 SMS_SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SMS_SPAM_FILE = "SMSSpamCollection"
@@ -171,9 +171,11 @@ def read_text_label_file(path):
     """Read a CSV (.csv) or TSV (.tsv/.tab/.txt with tabs) file of text,label rows.
 
     A first row naming the columns `text` and `label` (any order, any case; other
-    columns are ignored) is a header; without one, each row must be exactly
-    `text,label`. Labels are any strings; they become ints 0..K-1 in sorted order
-    (numeric order when all of them are integers, so "10" comes after "9").
+    columns are ignored; none named twice) is a header; without one, each row must be
+    exactly `text,label`. Labels are any strings; they become ints 0..K-1 in sorted order
+    (numeric order when all of them are integers, so "10" comes after "9"). A file read
+    as comma-separated that cannot be parsed so, and whose lines hold tabs, is reported
+    with the advice to name it .tsv.
 
     Returns (DataFrame with columns Text (str) and Label (int64), class_names tuple).
     Raises DataError naming the file and the problem.
@@ -183,17 +185,20 @@ def read_text_label_file(path):
     if path.suffix.lower() not in (".csv", ".tsv", ".tab") and path.is_file():
         with open(path, encoding="utf-8", errors="replace") as f:
             sep = "\t" if "\t" in f.readline() else ","
+    hint = _tab_hint(path) if sep == "," else ""
     # dtype=str and no NA parsing: a text "NA" or "null" is text, not a missing value.
-    raw = _read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False)
+    raw = _read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, hint=hint)
     first = [str(v).strip().lower() for v in raw.iloc[0]]
     if "text" in first and "label" in first:
+        _refuse_repeated_names(path, first)
         columns = {"Text": first.index("text"), "Label": first.index("label")}
         raw, first_line = raw.iloc[1:], 2
     elif raw.shape[1] == 2:
         columns, first_line = {"Text": 0, "Label": 1}, 1
     else:
-        raise DataError(f"{path}: expected rows of text{sep!r}label (or a header row naming "
-                        f"'text' and 'label'), found {raw.shape[1]} columns in the first row")
+        row = "text<TAB>label" if sep == "\t" else "text,label"
+        raise DataError(f"{path}: expected rows of {row} (or a header row naming 'text' and 'label'), "
+                        f"found {raw.shape[1]} columns in the first row{hint}")
     df = pd.DataFrame({"Text": raw.iloc[:, columns["Text"]].to_numpy(dtype=object),
                        "Label": raw.iloc[:, columns["Label"]].to_numpy(dtype=object)})
     if df.empty:
@@ -220,8 +225,60 @@ def read_text_label_file(path):
     return df.reset_index(drop=True), tuple(names)
 
 
-def _read_csv(path, **kwargs):
-    """pd.read_csv, with every way it can fail turned into a DataError naming the file."""
+def refuse_single_example_classes(df, class_names, source):
+    """Raise DataError when more than half of the classes have a single example.
+
+    A classifier needs at least 2 examples of a class to be trained and validated on it:
+    a class seen once lands in one split only, so it is either learned and never measured,
+    or measured and never learned. A real dataset may have a rare class or two like that,
+    and passes (so does a small one: 10 rows of 2 classes); but when most classes are
+    single examples, the column read as labels holds something unique to each row (the
+    texts, row ids): the file was misread. E.g. the raw SMSSpamCollection (label<TAB>text,
+    no header) read as text,label makes each of its ~5,000 distinct texts a class.
+    """
+    counts = np.bincount(df["Label"].to_numpy(), minlength=len(class_names))
+    single = int((counts == 1).sum())
+    if single > len(class_names) / 2:
+        example = str(class_names[int(np.flatnonzero(counts == 1)[0])])
+        example = example if len(example) <= 40 else example[:37] + "..."
+        raise DataError(f"{source}: {single:,} of the {len(class_names):,} classes have a single example "
+                        f"(e.g. {example!r}): is the header missing, or is the label column the text? "
+                        f"A class needs at least 2 examples, to be trained and validated on")
+
+
+def _refuse_repeated_names(path, header):
+    """Refuse a header naming a column twice ("label,label,text"): which of the two holds
+    the labels would be a guess (the first was read, and made every row id a class).
+    Unnamed columns (a spreadsheet's trailing commas) may repeat."""
+    for name in dict.fromkeys(header):
+        where = [i + 1 for i, n in enumerate(header) if n == name]
+        if name and len(where) > 1:
+            raise DataError(f"{path}: the header names the column {name!r} {len(where)} times "
+                            f"(columns {where}); each column name must appear once")
+
+
+# how many of the first lines `_tab_hint` looks at: enough to see past a header or a blank line
+TAB_HINT_LINES = 5
+
+
+def _tab_hint(path):
+    """For a file read as comma-separated: when its first lines hold tabs, the words that
+    say so (appended to a parse error, which alone would only say "Expected 2 fields in
+    line 12, saw 4"), else ''. A name ending in .tsv or .tab is what selects tabs; any
+    other name is sniffed from its first line."""
+    if not path.is_file():
+        return ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [f.readline() for _ in range(TAB_HINT_LINES)]
+    if not any("\t" in line for line in lines):
+        return ""
+    return (f"; its lines hold tabs, but a file named {path.name} is read as comma-separated: "
+            f"name it {path.stem}.tsv to read it as tab-separated")
+
+
+def _read_csv(path, *, hint="", **kwargs):
+    """pd.read_csv, with every way it can fail turned into a DataError naming the file;
+    `hint` ends the message of a file that cannot be parsed."""
     if not path.exists():
         raise DataError(f"{path} does not exist")
     if not path.is_file():
@@ -231,7 +288,9 @@ def _read_csv(path, **kwargs):
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"{path} is empty") from exc
     except pd.errors.ParserError as exc:
-        raise DataError(f"{path} is malformed: {exc}") from exc
+        # pandas ends its message with a newline: one line of it, so that the error stays one line
+        reason = " ".join(str(exc).split())
+        raise DataError(f"{path} is malformed: {reason}{hint}") from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text ({exc})") from exc
     if df.empty:
@@ -293,11 +352,11 @@ class ClassificationData:
 def encode_split(name, texts, labels, tokenizer, *, max_length=None, pad_token_id=END_OF_TEXT_ID):
     """Tokenize texts like the book's SpamDataset: max_length None means the longest text.
 
-    encode_ordinary gives the same ids as the book's encode() for every SMS text, and
+    `encode_texts` gives the same ids as the book's encode() for every SMS text, and
     treats a literal "<|endoftext|>" in a user's text as text instead of raising.
     """
     texts = [str(t) for t in texts]
-    token_ids = tokenizer.encode_ordinary_batch(texts)
+    token_ids = encode_texts(tokenizer, texts)
     if max_length is None:
         max_length = max(len(ids) for ids in token_ids)
     truncated = sum(len(ids) > max_length for ids in token_ids)
@@ -358,9 +417,11 @@ def load_text_label_file(path, *, tokenizer=None, max_length=None, context_lengt
                          random_state=123, offline=None, progress=None):
     """Your own CSV/TSV of text,label rows (see `read_text_label_file`) -> ClassificationData.
 
-    Split 70/10/20 and tokenized exactly like the SMS data, without balancing.
+    Split 70/10/20 and tokenized exactly like the SMS data, without balancing. Refuses
+    a file most of whose classes have a single example (`refuse_single_example_classes`).
     """
     df, class_names = read_text_label_file(path)
+    refuse_single_example_classes(df, class_names, path)
     if tokenizer is None:
         tokenizer = get_tokenizer(offline=offline, progress=progress)
     return make_splits(df, class_names, tokenizer, source=path, max_length=max_length,

@@ -7,12 +7,16 @@ own folder (``.<name>.<random>.part``) and renamed into place with ``os.replace`
 only when it is complete; a rename within one file system is atomic on POSIX and
 Windows, so a reader sees the old file or the new one, never half of one.
 
-On any failure (an exception, Ctrl-C) the temporary is removed. An OSError from
+On any failure (an exception, Ctrl-C) the temporary is removed. A writer killed
+outright (kill -9, the out-of-memory killer, a power cut) cannot remove it: the next
+writer that knows itself the folder's only one does (`clean_stale_temporaries`: a
+checkpoint's own, a held run folder). An OSError from
 the file system (no space left, a read-only disk, a file where a folder should be,
 no permission) becomes a `WriteError`: one line naming the path, which the command
 line prints as is, with the option that chose the path.
 """
 
+import hashlib
 import os
 import re
 import shutil
@@ -45,16 +49,71 @@ class WriteError(MiniloraError, RuntimeError):
         super().__init__(f"cannot write {path}: {self.reason}")
 
 
+# The name of a temporary: "." + the destination's name + "." + tempfile's 8 random
+# characters + ".part" (what _temporary makes).
+TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.part")
+
+# The temporaries this process has made and not yet renamed or removed (real paths): the
+# ones clean_stale_temporaries must leave alone.
+_live_temporaries = set()
+
+
 def _temporary(path, folder=False):
     """A new temporary file (or folder) beside `path`: the same file system, so the
     rename is atomic, and a name no other writer can have."""
     path.parent.mkdir(parents=True, exist_ok=True)
     names = dict(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     if folder:
-        return Path(tempfile.mkdtemp(**names))
-    fd, name = tempfile.mkstemp(**names)
-    os.close(fd)  # the caller's writer opens it by name
-    return Path(name)
+        tmp = Path(tempfile.mkdtemp(**names))
+    else:
+        fd, name = tempfile.mkstemp(**names)
+        os.close(fd)  # the caller's writer opens it by name
+        tmp = Path(name)
+    _live_temporaries.add(os.path.realpath(tmp))
+    return tmp
+
+
+def _done_with(tmp):
+    """`tmp` is renamed into place or removed: no longer this process's."""
+    if tmp is not None:
+        _live_temporaries.discard(os.path.realpath(tmp))
+
+
+def clean_stale_temporaries(folder, names=None):
+    """Remove the temporaries (``.<name>.<random>.part``) that killed writers left in
+    `folder` (not in its subfolders); returns the paths removed. names: only those of
+    these destinations (e.g. ["checkpoint"]); None: every one.
+
+    Nothing in a temporary tells a dead writer's from a live one's: its age does not (a
+    long download started before this process is still being written), nor its owner's
+    process id (reused, and meaningless across containers that share a disk). So this
+    relies on its caller: call it only where this process is the one writer, and then
+    every temporary this process did not make is stale. That holds for a run folder
+    (one run at a time: the run folder's lock) and for a checkpoint's own temporaries
+    (whoever writes a checkpoint folder is its only writer). It does not hold for a
+    folder that several processes write, such as the download cache: never call it there.
+    Removal is best effort: a temporary that cannot be removed is left as it was.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:  # no folder yet (nothing to clean), or one that cannot be listed
+        return removed
+    for path in entries:
+        match = TEMPORARY_NAME.fullmatch(path.name)
+        if not match or (names is not None and match["name"] not in names):
+            continue
+        if os.path.realpath(path) in _live_temporaries:  # this process is writing it
+            continue
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
 
 
 @contextmanager
@@ -77,6 +136,7 @@ def atomic_path(path):
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)  # already renamed unless something failed
+        _done_with(tmp)
 
 
 def write_text(path, text):
@@ -111,6 +171,16 @@ def atomic_folder(folder):
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # already renamed unless something failed
+        _done_with(tmp)
+
+
+def file_sha256(path):
+    """The sha256 (hex) of a file's bytes, read in 1 MiB pieces (any size, little memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def recover_folder(folder, complete):

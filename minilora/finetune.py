@@ -26,9 +26,9 @@ from .data import BATCHINGS, PAD_MODES
 from .errors import OptionError
 from .lora import config_sites, select_targets
 from .model import GPTModel
+from .run_folder import hold_run_folder
 from .tasks import POOLS, ClassificationTask, evaluate
-from .train import (CHECKPOINT_DIR, JobOptions, history_csv, prepare_run_folder, run_seconds,  # noqa: F401
-                    start_training, strict_json, train, write_run_record)  # strict_json: imported from here by the tests and benchmarks
+from .train import CHECKPOINT_DIR, JobOptions, run_seconds, start_training, train, write_run_record
 from .weights import read_config
 
 # The book's two published recipes: the current notebook (default) and the print edition.
@@ -130,24 +130,38 @@ def run_finetune(opts, log=print, progress=None):
     """Run (or resume) the job; returns the metrics dict. `log` receives the lines to print.
 
     Everything that can be checked is checked before the long work: the options (when
-    `opts` was made), the device, the run folder, the model's configuration (from its
-    header, not its weights), the data against the batch size and the context length."""
+    `opts` was made), the device, the model's configuration (from its header, not its
+    weights), the data against the batch size and the context length, the run folder
+    (minilora.run_folder), which the job holds until it ends."""
     resolve_device(opts.device)  # a missing CuPy or GPU is reported before any work is done
     out = Path(opts.output_dir)
-    ckpt = out / CHECKPOINT_DIR
     # the options that depend on the model, from its config alone, before the run folder is touched
     model_cfg = read_config(opts.model, offline=opts.offline)
     if opts.rank > model_cfg.emb_dim:
         raise OptionError(f"--rank {opts.rank} exceeds the width of {opts.model} ({model_cfg.emb_dim})")
     _check_targets(opts, model_cfg)
-    resume = prepare_run_folder(out, opts, log)
     t0 = time.perf_counter()
-    data, (train_loader, val_loader, test_loader) = load_data(opts, model_cfg.context_length, log)
+    # the data before the run folder: a bad file leaves no run folder behind, and --resume
+    # compares the data's file and class names with the run's before anything is written
+    data, loaders = load_data(opts, model_cfg.context_length, log)
+    with hold_run_folder(out, opts, log, "minilora finetune", data.source, data.class_names) as resume:
+        return _train_in_run_folder(opts, data, loaders, resume, t0, log, progress)
+
+
+def _train_in_run_folder(opts, data, loaders, resume, t0, log, progress):
+    """run_finetune's long part, while it holds the run folder: the model, training, the
+    final accuracies, the adapter and the run record; returns the metrics."""
+    out = Path(opts.output_dir)
+    ckpt = out / CHECKPOINT_DIR
+    train_loader, val_loader, test_loader = loaders
     model = build_model(opts, data.num_classes, log)
     opt, state = start_training(model, opts, ckpt, resume, log)
     task = ClassificationTask(opts.pool)
     state = train(model, opt, task, train_loader, val_loader, opts.train_config(), checkpoint_dir=ckpt,
-                  state=state, log=log, progress=progress)
+                  state=state, log=log, progress=progress,
+                  adapter_settings=dict(base_model=model_reference(opts.model), class_names=data.class_names,
+                                        max_length=data.max_length, pool=opts.pool, pad=opts.pad,
+                                        batching=opts.batching))  # the final save_adapter's, for checkpoint/adapter
     accuracies = {}
     for name, loader, epoch in (("train", train_loader, opts.epochs - 1), ("val", val_loader, 0),
                                 ("test", test_loader, 0)):

@@ -15,8 +15,34 @@ import math
 import numpy as np
 
 from .backend import to_numpy
+from .errors import MiniloraError
 from .layers import gelu_forward, layernorm_forward
 from .model import LN_EPS
+from .tokenizer import encode_text
+
+
+class GenerationError(MiniloraError, ValueError):
+    """An argument of generate() (or a model) that cannot give a continuation, named
+    with its value: refused before the first token."""
+
+
+def _is_integer(value):
+    # bool is an int to Python, but top_k=True is a slip, not a 1
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_sampling(temperature=0.0, top_k=None, max_new_tokens=0):
+    """Refuse what would otherwise run silently wrong: a negative temperature (greedy, as
+    if 0), a negative max_new_tokens (the prompt back, as if 0), a fractional top_k (an
+    IndexError deep in the sort). One line naming the argument and its value."""
+    if not _is_integer(max_new_tokens) or max_new_tokens < 0:
+        raise GenerationError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    real = isinstance(temperature, (int, float, np.integer, np.floating)) and not isinstance(temperature, bool)
+    if not (real and math.isfinite(temperature) and temperature >= 0):
+        raise GenerationError(f"generate: temperature must be a finite number >= 0 (0: greedy), "
+                              f"got {temperature!r}")
+    if top_k is not None and not (_is_integer(top_k) and top_k >= 1):
+        raise GenerationError(f"generate: top_k must be an integer >= 1 or None, got {top_k!r}")
 
 
 def forward_incremental(model, idx, kv):
@@ -77,10 +103,9 @@ class KVCache:
 
 def sample_next(logits, temperature=0.0, top_k=None, rng=None):
     """Next token ids (B,) from last-position logits (B, V) given as a NumPy array."""
+    check_sampling(temperature, top_k)
     logits = np.asarray(logits, dtype=np.float64)
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = np.sort(logits, axis=-1)[:, -min(top_k, logits.shape[-1])][:, None]
         logits = np.where(logits < kth, -np.inf, logits)
     if temperature <= 0.0:
@@ -99,10 +124,12 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, seed=None,
     Greedy by default; temperature > 0 samples (reproducibly with `seed`). Stops early
     when every sequence has produced eos_id (None: never). kv_cache=False recomputes
     the whole context for every token (the book's way); once the context window is
-    full, the cache cannot slide, so generation falls back to that.
+    full, the cache cannot slide, so generation falls back to that. max_new_tokens 0
+    returns idx as it is.
     """
+    check_sampling(temperature, top_k, max_new_tokens)
     if model.n_out != model.cfg.vocab_size:
-        raise ValueError("generate needs a language-model head (this model has a replaced head)")
+        raise GenerationError("generate needs a language-model head (this model has a replaced head)")
     idx = np.array(to_numpy(idx), dtype=np.int64, ndmin=2)
     rng = np.random.default_rng(seed)
     window = model.cfg.context_length
@@ -129,7 +156,12 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, seed=None,
 
 
 def generate_text(model, tokenizer, prompt, max_new_tokens=25, **kwargs):
-    """Decode generate() on one prompt string: the prompt plus its continuation."""
-    idx = np.array([tokenizer.encode(prompt)], dtype=np.int64)
+    """Decode generate() on one prompt string: the prompt plus its continuation. The
+    prompt is encoded as classify encodes a text (`tokenizer.encode_text`: a literal
+    "<|endoftext|>" is text)."""
+    ids = encode_text(tokenizer, prompt)
+    if not ids:  # nothing to continue from: say so rather than "token ids must be non-empty"
+        raise GenerationError(f"generate: the prompt {prompt!r} has no tokens to continue; give some text")
+    idx = np.array([ids], dtype=np.int64)
     out = generate(model, idx, max_new_tokens, **kwargs)
     return tokenizer.decode(out[0].tolist())

@@ -47,9 +47,9 @@ from .instructions import (DEFAULT_ALLOWED_MAX_LENGTH, IGNORE_INDEX, RESPONSES_F
                            load_instructions, make_instruction_loaders, write_responses)
 from .lora import config_sites, select_targets
 from .model import GPTModel
+from .run_folder import hold_run_folder
 from .tokenizer import END_OF_TEXT_ID, get_tokenizer
-from .train import (CHECKPOINT_DIR, JobOptions, prepare_run_folder, run_seconds, start_training, train,
-                    write_run_record)
+from .train import CHECKPOINT_DIR, JobOptions, run_seconds, start_training, train, write_run_record
 from .weights import read_config, save_pretrained
 
 ANSWER_MAX_NEW_TOKENS = 256  # the book's answers to the test set (chapter 7, section 7.7)
@@ -194,24 +194,33 @@ def run_instruct(opts, log=print, progress=None):
     """Run (or resume) the job; returns the metrics dict. `log` receives the lines to print.
 
     Everything that can be checked is checked before the long work: the options (when
-    `opts` was made), the device, the model's configuration (from its header), the run
-    folder, the data (every entry, every text's targets, the batch size)."""
+    `opts` was made), the device, the model's configuration (from its header), the data
+    (every entry, every text's targets, the batch size), the run folder
+    (minilora.run_folder), which the job holds until it ends."""
     resolve_device(opts.device)  # a missing CuPy or GPU is reported before any work is done
     out = Path(opts.output_dir)
-    ckpt = out / CHECKPOINT_DIR
     model_cfg = read_config(opts.model, offline=opts.offline)
     _check_model_options(opts, model_cfg)
     tokenizer = get_tokenizer(offline=opts.offline, progress=progress)
     # the data before the run folder: a bad file leaves no run folder behind
     data, loaders = load_data(opts, tokenizer, log)
-    resume = prepare_run_folder(out, opts, log)
+    with hold_run_folder(out, opts, log, "minilora instruct", data.source) as resume:
+        return _train_in_run_folder(opts, tokenizer, data, loaders, resume, log, progress)
+
+
+def _train_in_run_folder(opts, tokenizer, data, loaders, resume, log, progress):
+    """run_instruct's long part, while it holds the run folder: the model, training, the
+    final losses, the answers, the adapter (or model) and the run record; returns the metrics."""
+    out = Path(opts.output_dir)
+    ckpt = out / CHECKPOINT_DIR
     t0 = time.perf_counter()
     model = build_model(opts, log)
     opt, state = start_training(model, opts, ckpt, resume, log, full=opts.full)
     task = InstructionTask(tokenizer, format_input(data.val.entries[0]))
     train_loader, val_loader, test_loader = loaders
     state = train(model, opt, task, train_loader, val_loader, opts.train_config(), checkpoint_dir=ckpt,
-                  state=state, log=log, progress=progress)
+                  state=state, log=log, progress=progress,
+                  adapter_settings=dict(base_model=model_reference(opts.model), max_length=opts.max_length))
     losses = final_losses(task, model, loaders, opts.epochs - 1, opts.eval_iter)
     log(f"Answering the {len(data.test)} test entries (greedy, up to {ANSWER_MAX_NEW_TOKENS} new tokens)")
     responses = [answer(model, tokenizer, entry) for entry in data.test.entries]

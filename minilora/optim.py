@@ -27,6 +27,12 @@ import math
 import numpy as np
 
 from .backend import get_array_module, to_device, to_numpy
+from .errors import MiniloraError
+
+
+class OptimizerError(MiniloraError, ValueError):
+    """An AdamW setting, or a gradient handed to step(), that cannot give an update:
+    refused before anything changes."""
 
 
 def constant_schedule(lr):
@@ -38,7 +44,8 @@ def warmup_cosine_schedule(lr, warmup_steps, total_steps, min_lr=0.0):
     """Linear warmup from lr/warmup_steps up to lr over `warmup_steps` steps, then a
     cosine decay from lr to min_lr at `total_steps` (constant after). Steps are 1-based."""
     if total_steps < 1 or warmup_steps < 0:
-        raise ValueError("need total_steps >= 1 and warmup_steps >= 0")
+        raise OptimizerError(f"warmup_cosine_schedule needs total_steps >= 1 and warmup_steps >= 0, "
+                             f"got {total_steps} and {warmup_steps}")
 
     def schedule(step):
         if step <= warmup_steps:
@@ -66,7 +73,7 @@ def clip_grad_norm(grads, max_norm):
 def _check_lr(lr):
     """A learning rate must be finite and >= 0 (a negative one climbs the loss)."""
     if not (isinstance(lr, (int, float, np.number)) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"AdamW learning rate must be a finite number >= 0, got {lr!r}")
+        raise OptimizerError(f"AdamW learning rate must be a finite number >= 0, got {lr!r}")
     return lr
 
 
@@ -91,6 +98,23 @@ def _adamw_update(p, m, v, g, decay, b1, b2, step_size, bc2_sqrt, eps):
     p -= step_size * (m / denom)
 
 
+def _check_grad_shapes(grads, params):
+    """Refuse gradients that are not arrays of their parameter's shape, naming the first.
+    One comparison of shapes per tensor: cheap next to the update. A gradient of the right
+    size but the wrong shape (a transposed A) would otherwise be applied silently, and one
+    of another size would fail only partway through the flat update, after some tensors
+    had changed and the step had been counted."""
+    wrong = []
+    for name, g in grads.items():
+        shape = getattr(g, "shape", None)
+        if shape is None or tuple(shape) != tuple(params[name].shape):
+            got = f"is {type(g).__name__}, not an array" if shape is None else f"has shape {tuple(shape)}"
+            wrong.append(f"the gradient of {name} {got}, the parameter has shape {tuple(params[name].shape)}")
+    if wrong:
+        others = f" (and {len(wrong) - 1} more gradient(s) like it)" if len(wrong) > 1 else ""
+        raise OptimizerError(f"AdamW.step: {wrong[0]}{others}; nothing was updated")
+
+
 class AdamW:
     """AdamW over `model.params`, updating the parameters named in the grads dict.
 
@@ -105,14 +129,21 @@ class AdamW:
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
                  max_grad_norm=None):
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
+            raise OptimizerError(f"AdamW betas must be in [0, 1), got {betas}")
         if not callable(lr):
             _check_lr(lr)
         for name, value in (("eps", eps), ("weight_decay", weight_decay)):
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"AdamW {name} must be a finite number >= 0, got {value!r}")
+                raise OptimizerError(f"AdamW {name} must be a finite number >= 0, got {value!r}")
         if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-            raise ValueError(f"AdamW max_grad_norm must be a finite number > 0 (or None), got {max_grad_norm!r}")
+            raise OptimizerError(f"AdamW max_grad_norm must be a finite number > 0 (or None), "
+                                 f"got {max_grad_norm!r}")
+        # a model whose every parameter is frozen would take steps that change nothing; a
+        # model without `trainable` (anything with a params dict) trains all its params
+        if not getattr(model, "trainable", model.params):
+            raise OptimizerError("AdamW: the model has nothing to train (model.trainable is empty: every "
+                                 "parameter is frozen); apply_lora, or leave some parameters unfrozen, "
+                                 "before making the optimizer")
         self.model = model
         self.schedule = lr if callable(lr) else constant_schedule(lr)
         self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
@@ -170,11 +201,17 @@ class AdamW:
         The gradients are copied into one flat buffer per dtype first, so the caller's
         arrays are never modified (clipping scales the copy). Returns the gradient norm
         before clipping (a 0-d array: no host sync on a GPU) when clipping is on, else None.
+        Every gradient is checked (a known name, an array of its parameter's shape) before
+        any parameter changes or the step is counted. Their values are not: a NaN or an
+        infinity is applied as given. It usually comes with a non-finite loss, which the
+        training loop checks (train.TrainingDiverged), so that no step pays for a pass
+        over every gradient to look for one.
         """
         params = self.model.params
         unknown = [n for n in grads if n not in params]
         if unknown:
             raise KeyError(f"gradients for unknown parameters: {unknown[:5]}")
+        _check_grad_shapes(grads, params)
         lora = getattr(self.model, "lora", None)
         if lora is not None and lora.merged and any(n in grads for n in lora.param_names):
             # merged weights hold W + s*A@B of the old A, B: unmerging after a step on A, B
@@ -226,8 +263,8 @@ class AdamW:
             for moment in ("m", "v"):
                 a = state[moment].get(n)
                 if a is None or tuple(np.shape(a)) != tuple(params[n].shape):
-                    raise ValueError(f"optimizer state {moment} for {n} has shape {np.shape(a)}, "
-                                     f"parameter has {params[n].shape}")
+                    raise OptimizerError(f"optimizer state {moment} for {n} has shape {np.shape(a)}, "
+                                         f"parameter has {params[n].shape}")
         self.step_count = int(state["step"])
         self.betas, self.eps = tuple(state["betas"]), state["eps"]
         self.weight_decay, self.max_grad_norm = state["weight_decay"], state["max_grad_norm"]

@@ -6,12 +6,12 @@ the relations between fields. `read_json(path, schema)` parses the file and chec
 of it; the first problem is raised as one line that names the file, the key, what was
 expected and what was found:
 
-    runs/x/adapter/adapter_config.json: rank: expected an integer >= 1, found -3
+    runs/x/adapter/minilora_adapter.json: rank: expected an integer >= 1, found -3
 
 Nothing reads a field that was not checked, so a hand-edited or damaged file is refused
-before the model, the optimizer or the run folder changes. JSON's own non-numbers
-(NaN, Infinity, and 1e999, which parses to infinity) are refused wherever a number is
-expected.
+before the model, the optimizer or the run folder changes. The non-numbers NaN and
+Infinity (which Python's json reads) and 1e999 (which parses to infinity) are refused
+wherever a number is expected, with the key they sit under.
 
 The types (`Field.kind`): "int" (a JSON integer, never a bool or 2.7), "number" (an
 integer or a finite float), "str", "bool", "list" (of `items`, a Field), "dict" (a
@@ -154,24 +154,44 @@ def _check_value(spec, value, source, key):
     return value
 
 
-def _refuse_constant(name):
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def parse_json(text, source):
-    """The JSON value of `text`, or FileCheckError naming `source` (NaN and Infinity,
-    which Python's json accepts, are refused: they are not JSON)."""
+    """The JSON value of `text`, or FileCheckError naming `source`. NaN and Infinity
+    (not JSON, but Python's json writes and reads them) are read as floats, so that the
+    schema refuses them with the key they sit under: a "number" must be finite."""
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
-    except (json.JSONDecodeError, ValueError) as e:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise FileCheckError(f"{source} is not valid JSON ({e})") from None
 
 
-def read_json(path, schema):
-    """Read `path` and check it against `schema`: the checked dict, or FileCheckError."""
+def load_json(path):
+    """The parsed JSON of the file at `path`, unchecked (for a reader that must look at it
+    before it knows which schema applies), or FileCheckError naming the file."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise FileCheckError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return schema.check(parse_json(text, path), path)
+    return parse_json(text, path)
+
+
+def read_json(path, schema):
+    """Read `path` and check it against `schema`: the checked dict, or FileCheckError."""
+    return schema.check(load_json(path), Path(path))
+
+
+def strict_json(obj, indent=2):
+    """JSON text of `obj` with every NaN or infinity written as null (an evaluation over no
+    batch, a metric that could not be measured): Python's json module writes them as the
+    bare words NaN / Infinity, which are not JSON, which most readers reject, and which
+    read_json refuses wherever a number belongs."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), indent=indent, allow_nan=False)

@@ -143,3 +143,24 @@ def get_tokenizer(path=None, *, offline=None, progress=None):
     # tiktoken verifies the sha256 of both cached files and keeps the Encoding for
     # the rest of the process.
     return tiktoken.get_encoding("gpt2")
+
+
+def encode_text(tokenizer, text):
+    """The GPT-2 ids of a user's text (a list of ints), every character of it read as text.
+
+    Every command encodes what a user types or feeds it this way (classify, generate,
+    the training data; `encode_texts` for many): a literal "<|endoftext|>" in it becomes
+    the ids of those 13 characters, never the special token 50256, so no input can
+    insert a document boundary or a pad. tiktoken's encode() would instead refuse it with
+    a 5-line ValueError; the book's text_to_token_ids (chapter 5) allows it as the special
+    token. Text without that literal gets the same ids all three ways.
+
+        >>> encode_text(get_tokenizer(), "a <|endoftext|> b")[:3]
+        [64, 1279, 91]
+    """
+    return tokenizer.encode_ordinary(text)
+
+
+def encode_texts(tokenizer, texts):
+    """`encode_text` of each of `texts` (a list of lists), in tiktoken's threads."""
+    return tokenizer.encode_ordinary_batch(list(texts))

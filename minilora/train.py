@@ -18,7 +18,6 @@ Library code does not print: progress goes to the ``log`` callback and a tqdm ba
 
 import csv
 import io
-import json
 import math
 import signal
 import sys
@@ -30,10 +29,11 @@ from itertools import islice
 import numpy as np
 
 from .backend import DTYPES, to_numpy
-from .checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint  # noqa: F401
+from .checkpoint import LoopState, NotFiniteError, has_checkpoint, load_checkpoint, save_checkpoint  # noqa: F401
 from .errors import CheckpointStateError, MiniloraError, OptionError
 from .files import write_text
 from .lora import SCALINGS
+from .schema import strict_json  # noqa: F401  (the jobs, cli and tests import it from here)
 from .run_folder import CHECKPOINT_DIR, RUN_CONFIG_FILE, prepare_run_folder  # noqa: F401  (the jobs import them from here)
 from .tasks import ClassificationTask, evaluate  # noqa: F401  (evaluate: examples/appendix_e.py imports it from here)
 
@@ -109,7 +109,7 @@ def train_step(model, opt, task, batch):
 
 
 def train(model, opt, task, train_loader, val_loader, config=None, *, checkpoint_dir=None, state=None,
-          log=None, progress=None):
+          log=None, progress=None, adapter_settings=None):
     """The book's training loop for any task (see minilora.tasks); returns the final LoopState.
 
     Each step: the task's loss on one batch, backward, AdamW. Every eval_freq steps (from
@@ -120,6 +120,9 @@ def train(model, opt, task, train_loader, val_loader, config=None, *, checkpoint
     train_loader / val_loader: minilora.data.BatchLoader (train shuffled per epoch), or
     anything with len() and epoch_batches(epoch, start=0).
     checkpoint_dir: where to keep the latest checkpoint (None: no checkpoints).
+    adapter_settings: what the job's final save_adapter records (base_model, class_names,
+    max_length, pool, pad, batching), written into each checkpoint's adapter too, so
+    that it can be used on its own after a crash (None: nothing recorded).
     state: a LoopState to continue from (see load_checkpoint); None starts afresh.
     log: a function of one string (None: silent). progress: show a tqdm bar
     (None: only when stderr is a terminal).
@@ -146,6 +149,21 @@ def train(model, opt, task, train_loader, val_loader, config=None, *, checkpoint
     def first(loader, epoch):  # the eval_iter batches an evaluation reads
         return islice(loader.epoch_batches(epoch), config.eval_iter)
 
+    def kept():  # what a run that must stop says of its checkpoint: "good" only of a whole one
+        try:
+            if checkpoint_dir and has_checkpoint(checkpoint_dir):  # the first is written after epoch 1
+                return f"The last good checkpoint is kept in {checkpoint_dir}"
+        except CheckpointStateError as e:
+            return f"No good checkpoint is left ({e})"
+        return "No checkpoint was written before it"
+
+    def save():  # a state holding NaN or inf is not saved: the run has diverged
+        try:
+            save_checkpoint(checkpoint_dir, model, opt, state, adapter_settings=adapter_settings)
+        except NotFiniteError as e:
+            raise TrainingDiverged(f"{e} after {state.step} steps; the parameters are no longer usable. "
+                                   f"{kept()}; try a lower learning rate.") from None
+
     # losses stay on the device until read back together: on a GPU that is the one host
     # round trip of training, made every eval_freq steps; on the CPU it is free, every step
     pending = []  # (history row, 0-d loss array)
@@ -157,12 +175,9 @@ def train(model, opt, task, train_loader, val_loader, config=None, *, checkpoint
         values = to_numpy(model.xp.stack([loss for _, loss in pending])).astype(float)
         for (row, _), value in zip(pending, values):
             if not math.isfinite(value):
-                # name a checkpoint only when there is one (the first is written after epoch 1)
-                kept = (f"The last good checkpoint is kept in {checkpoint_dir}" if checkpoint_dir and has_checkpoint(checkpoint_dir)
-                        else "No checkpoint was written before it")
                 raise TrainingDiverged(
                     f"loss became {value} at step {row['step']} (epoch {row['epoch']}); the parameters "
-                    f"are no longer usable. {kept}; try a lower learning rate.")
+                    f"are no longer usable. {kept()}; try a lower learning rate.")
             row["batch_loss"] = float(value)
         pending.clear()
         bar.set_postfix(loss=f"{values[-1]:.3f}", refresh=False)
@@ -204,12 +219,12 @@ def train(model, opt, task, train_loader, val_loader, config=None, *, checkpoint
             state.batch = 0
             clock()
             if checkpoint_dir:
-                save_checkpoint(checkpoint_dir, model, opt, state)
+                save()
             between_steps()
         state.done = True
         clock()
         if checkpoint_dir:
-            save_checkpoint(checkpoint_dir, model, opt, state)
+            save()
     except StoppedMidStep:
         if checkpoint_dir:
             log(f"stopped in the middle of a step: the last checkpoint in {checkpoint_dir} is kept")
@@ -218,7 +233,7 @@ def train(model, opt, task, train_loader, val_loader, config=None, *, checkpoint
         flush()
         clock()
         if checkpoint_dir:
-            save_checkpoint(checkpoint_dir, model, opt, state)
+            save()
             log(f"interrupted: saved a checkpoint at step {state.step} in {checkpoint_dir}; "
                 f"resume to continue")
         raise
@@ -378,18 +393,3 @@ def history_csv(state, epoch_metrics=("accuracy",)):
     for h in state.history:
         writer.writerow({**h, **evals.get(h["step"], {}), **epoch_end.get(h["step"], {})})
     return buf.getvalue()
-
-
-def strict_json(obj):
-    """JSON text with every NaN or infinity written as null: Python's json module writes
-    them as the bare words NaN / Infinity, which are not JSON and most readers reject."""
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps(clean(obj), indent=2, allow_nan=False)

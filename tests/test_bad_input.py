@@ -175,7 +175,7 @@ def test_texts_longer_than_the_context_are_truncated_and_counted(offline, tiny_c
     # --max-length sets it, and the adapter records it
     assert finetune(tiny_checkpoint, data, tmp_path / "run20", "--max-length", 20) == 0
     assert "to 20 tokens (--max-length)" in capsys.readouterr().out
-    assert json.loads((tmp_path / "run20" / "adapter" / "adapter_config.json").read_text())["max_length"] == 20
+    assert json.loads((tmp_path / "run20" / "adapter" / ml.adapters.CONFIG_FILE).read_text())["max_length"] == 20
     assert finetune(tiny_checkpoint, data, tmp_path / "run500", "--max-length", 500) == 1
     assert "--max-length 500 is longer than the model's context length (128 tokens)" in error_line(capsys)
 
@@ -207,7 +207,7 @@ def test_finetune_targets_that_name_layers_pass_the_check():
 
 
 def test_metrics_json_never_holds_nan():
-    from minilora.finetune import strict_json
+    from minilora.schema import strict_json
 
     text = strict_json({"a": float("nan"), "b": [float("inf"), 1.0], "c": {"d": None}})
     assert json.loads(text) == {"a": None, "b": [None, 1.0], "c": {"d": None}}
@@ -366,7 +366,7 @@ def test_by_length_run_resumes_and_is_recorded(offline, tiny_checkpoint, tmp_pat
     assert a["steps"] == b["steps"] == 30 and a["train_batches"] == 10
     assert a["test_accuracy"] == b["test_accuracy"] and a["final_train_loss"] == b["final_train_loss"]
     assert (a["options"]["batching"], a["options"]["pad"]) == ("by_length", "longest_in_batch")
-    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "run" / "adapter" / ml.adapters.CONFIG_FILE).read_text())
     assert (config["batching"], config["pad"]) == ("by_length", "longest_in_batch")
 
 
@@ -389,7 +389,7 @@ def test_adapter_is_self_describing(offline, tiny_checkpoint, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path / "models")
     assert finetune("tiny", data, tmp_path / "run", "--pool", "last_real", "--pad", "longest_in_batch",
                     "--max-length", 30) == 0
-    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "run" / "adapter" / ml.adapters.CONFIG_FILE).read_text())
     assert config["base_model"] == str(relative_model.resolve())
     assert (config["pool"], config["pad"], config["max_length"]) == ("last_real", "longest_in_batch", 30)
     assert config["class_names"] == ["food", "sport"]
@@ -589,12 +589,17 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(offline, tiny_checkpoi
     assert finetune(tiny_checkpoint, data, out, "--epochs", 2) == 130
     monkeypatch.setattr(train_mod, "train_step", real_step)
     state_file = out / "checkpoint" / "state.json"
+    size = state_file.stat().st_size
     meta = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "dropout_rng"}))
     capsys.readouterr()
     assert finetune(tiny_checkpoint, data, out, "--epochs", 2, "--resume") == 1
-    assert error_line(capsys) == (f"minilora finetune: error: {state_file} lacks dropout_rng: "
-                                  f"the checkpoint is damaged")
+    assert error_line(capsys) == (f"minilora finetune: error: {state_file}: {state_file.stat().st_size:,} bytes, "
+                                  f"the manifest says {size:,}: the checkpoint is damaged")
+    (out / "checkpoint" / "manifest.json").unlink()  # a checkpoint without one (older minilora): state.json's check
+    assert finetune(tiny_checkpoint, data, out, "--epochs", 2, "--resume") == 1
+    assert error_line(capsys) == (f"minilora finetune: error: {state_file}: dropout_rng: missing "
+                                  f"(expected an object)")
 
 
 def test_the_parser_offers_the_options_classes_defaults_and_choices():

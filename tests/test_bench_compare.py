@@ -42,8 +42,8 @@ def test_adapter_size_on_disk_is_what_the_parameter_count_predicts(tmp_path, set
     weights = tmp_path / "adapter" / "adapter.safetensors"
     header = safetensors_header_bytes(weights)
     assert files["adapter.safetensors"] == 4 * (trainable + head) + header
-    config_text = (tmp_path / "adapter" / "adapter_config.json").read_text()
-    assert files["adapter_config.json"] == len(config_text.encode())
+    config_text = (tmp_path / "adapter" / ml.adapters.CONFIG_FILE).read_text()
+    assert files[ml.adapters.CONFIG_FILE] == len(config_text.encode())
     n_tensors = len(model.lora.param_names) + 2
     assert header < 160 * n_tensors  # the metadata: a name, a dtype, a shape, two offsets per tensor
 

@@ -50,7 +50,7 @@ def test_finetune_end_to_end(minilora_home, served_model, tmp_path, capsys):
     assert history[0].startswith("step,epoch,examples_seen,seconds,lr,batch_loss") and len(history) == 131
     for png in ("loss.png", "accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    adapter = json.loads((out / "adapter" / ml.adapters.CONFIG_FILE).read_text())
     assert adapter["class_names"] == ["ham", "spam"] and adapter["max_length"] == 120
 
     # the trained adapter, used by the other commands from the cached download, offline
@@ -72,7 +72,7 @@ def test_finetune_with_batches_grouped_by_length(minilora_home, served_model, tm
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 130 and metrics["options"]["pad"] == "longest_in_batch"
     # `evaluate` groups the texts by length, as the adapter records and the run's evaluation did
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((out / "adapter" / ml.adapters.CONFIG_FILE).read_text())
     assert (config["batching"], config["pad"]) == ("by_length", "longest_in_batch")
     assert cli.main(["evaluate", "--adapter", str(out / "adapter"), "--split", "test", "--json", "--offline"]) == 0
     assert json.loads(capsys.readouterr().out)["test"]["accuracy"] == pytest.approx(metrics["test_accuracy"])

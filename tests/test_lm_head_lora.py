@@ -8,7 +8,7 @@ import pytest
 import minilora as ml
 from minilora.backend import to_numpy
 from minilora.generate import generate
-from minilora.gradcheck import MODEL_TOL, check_model
+from minilora.gradcheck import check_model
 from minilora.lora import config_sites, select_targets
 from test_reference import TOL, compare, random_model
 

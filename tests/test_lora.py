@@ -190,7 +190,7 @@ def test_save_load_round_trip(tmp_path, tiny_cfg, tiny_idx):
     model = _trained_adapter_model(tiny_cfg)
     expected = model.forward(tiny_idx)
     save_adapter(model, tmp_path / "adapter", base_model="tiny")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter.safetensors", ml.adapters.CONFIG_FILE]
     fresh = ml.GPTModel(tiny_cfg, seed=0, dtype="float32")  # same base, no head yet
     config = load_adapter(fresh, tmp_path / "adapter")
     assert config["rank"] == 2 and config["base_model"] == "tiny" and config["num_classes"] == 3
@@ -272,7 +272,7 @@ def test_an_interrupted_save_keeps_the_old_adapter_whole(tmp_path, tiny_cfg, mon
 
     folder = tmp_path / "adapter"
     save_adapter(_trained_adapter_model(tiny_cfg), folder, class_names=["a", "b", "c"])
-    old_config = (folder / "adapter_config.json").read_text()
+    old_config = (folder / ml.adapters.CONFIG_FILE).read_text()
     old_tensors = load_file(str(folder / "adapter.safetensors"))
     new = lora_model(tiny_cfg, rank=4)  # another rank: a mix of old and new files would not load
     randomize_B(new, scale=0.5)
@@ -283,7 +283,7 @@ def test_an_interrupted_save_keeps_the_old_adapter_whole(tmp_path, tiny_cfg, mon
     # reading puts back the old adapter a crash between the renames left as adapter.old
     config = load_adapter(ml.GPTModel(tiny_cfg, seed=0), folder)
     assert config["rank"] == 2 and config["class_names"] == ["a", "b", "c"]
-    assert (folder / "adapter_config.json").read_text() == old_config
+    assert (folder / ml.adapters.CONFIG_FILE).read_text() == old_config
     tensors = load_file(str(folder / "adapter.safetensors"))
     assert set(tensors) == set(old_tensors) and all(np.array_equal(tensors[n], old_tensors[n]) for n in tensors)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary, no adapter.old
@@ -306,7 +306,7 @@ def test_save_adapter_refuses_a_folder_holding_other_files(tmp_path, tiny_cfg):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     # a caller that writes the bigger folder atomically itself puts the two files beside its own
     write_adapter(_trained_adapter_model(tiny_cfg), tmp_path, class_names=["a", "b", "c"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", ml.adapters.CONFIG_FILE,
                                                          "notes.txt"]
     assert load_adapter(ml.GPTModel(tiny_cfg, seed=0), tmp_path)["class_names"] == ["a", "b", "c"]
 

@@ -57,9 +57,11 @@ def test_a_missing_key_names_what_was_expected():
 def test_not_an_object_and_not_json_are_refused(tmp_path):
     with pytest.raises(FileCheckError, match=r"t.json: the file: expected an object \(thing\), found \[1\]"):
         THING.check([1], "t.json")
-    for text in ('{"rank": NaN}', '{"rank": Infinity}', "{"):
-        with pytest.raises(FileCheckError, match="t.json is not valid JSON"):
-            parse_json(text, "t.json")
+    with pytest.raises(FileCheckError, match="t.json is not valid JSON"):
+        parse_json("{", "t.json")
+    for text, found in (('{"alpha": NaN}', "nan"), ('{"alpha": Infinity}', "inf"), ('{"alpha": 1e999}', "inf")):
+        with pytest.raises(FileCheckError, match=f"^t.json: alpha: expected a finite number > 0, found {found}$"):
+            THING.check({**GOOD, **parse_json(text, "t.json")}, "t.json")
     path = tmp_path / "bin.json"
     path.write_bytes(b"\xff\xfe{}")
     with pytest.raises(FileCheckError, match="bin.json is not UTF-8 text"):

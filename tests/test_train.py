@@ -395,6 +395,7 @@ def test_a_checkpoint_written_before_tokens_seen_and_task_resumes(sms_data, tiny
     for row in meta["loop"]["history"] + meta["loop"]["evals"] + meta["loop"]["epochs"]:
         del row["tokens_seen"]
     state_file.write_text(json.dumps(meta))
+    (tmp_path / "ckpt" / "manifest.json").unlink()  # nor a manifest: minilora wrote none then
 
     model2, opt2 = fresh(tiny_sms_cfg)
     ml.remove_lora(model2)
@@ -420,10 +421,11 @@ def test_a_damaged_state_file_is_named_with_what_it_lacks(tiny_cfg, tmp_path):
     opt = ml.AdamW(model)
     checkpoint.save_checkpoint(tmp_path / "ckpt", model, opt, checkpoint.LoopState(step=1))
     state_file = tmp_path / "ckpt" / "state.json"
+    (tmp_path / "ckpt" / "manifest.json").unlink()  # what the state file's own check says, not the manifest's
     meta = json.loads(state_file.read_text())
     state_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "optimizer"}))
-    with pytest.raises(CheckpointStateError, match=f"{state_file} lacks optimizer: the checkpoint is damaged"):
+    with pytest.raises(CheckpointStateError, match=f"^{state_file}: optimizer: missing \\(expected an object\\)$"):
         load_checkpoint(tmp_path / "ckpt", model, opt)
     state_file.write_text(json.dumps({**meta, "loop": {**meta["loop"], "future_field": 1}}))
-    with pytest.raises(CheckpointStateError, match=r"unknown loop state field\(s\) \['future_field'\]"):
+    with pytest.raises(CheckpointStateError, match=f"^{state_file}: loop.future_field: not a key of a loop state"):
         checkpoint.read_loop_state(tmp_path / "ckpt")
