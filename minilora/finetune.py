@@ -3,9 +3,11 @@ training, final accuracies, and a run folder.
 
 Run folder layout (``output_dir``):
 
-    run_config.json   the options of the run (a resumed run must use the same ones, but
-                      may ask for more epochs)
-    checkpoint/       the latest checkpoint (adapter + optimizer + loop state)
+    run_config.json   the options of the run, the sha256 of the data file and the class
+                      names (a resumed run must use the same ones, but may ask for more epochs)
+    .lock             held while a job writes the folder: one job at a time (minilora.run_lock)
+    checkpoint/       the latest checkpoint (adapter + optimizer + loop state + manifest.json;
+                      minilora.checkpoint); its adapter/ records the same settings as adapter/
     adapter/          the trained adapter, loadable with minilora.load_adapter; it records
                       its base model, class names, max length, padding, batching and pooling
     history.csv       one row per step: loss, lr, and the evaluations where made

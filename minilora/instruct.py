@@ -17,9 +17,12 @@ positions (-100) the data's collate has already marked, as the book does.
 
 Run folder layout (``output_dir``):
 
-    run_config.json   the options of the run (a resumed run must use the same ones, but
-                      may ask for more epochs)
-    checkpoint/       the latest checkpoint (adapter or trained weights + optimizer + loop state)
+    run_config.json   the options of the run, the sha256 of the data file (a resumed run
+                      must use the same ones, but may ask for more epochs)
+    .lock             held while a job writes the folder: one job at a time (minilora.run_lock)
+    checkpoint/       the latest checkpoint (adapter or trained weights + optimizer + loop
+                      state + manifest.json; minilora.checkpoint); its adapter/ is usable
+                      on its own, as adapter/ is
     adapter/          the trained adapter (LoRA; model/ with --full: the whole model, HF layout)
     history.csv       one row per step: loss, lr, and the evaluations where made
     metrics.json      examples per split, parameter counts, final train/val/test loss (over
@@ -48,7 +51,7 @@ from .instructions import (DEFAULT_ALLOWED_MAX_LENGTH, IGNORE_INDEX, RESPONSES_F
 from .lora import config_sites, select_targets
 from .model import GPTModel
 from .run_folder import hold_run_folder
-from .tokenizer import END_OF_TEXT_ID, get_tokenizer
+from .tokenizer import END_OF_TEXT_ID, encode_text, get_tokenizer
 from .train import CHECKPOINT_DIR, JobOptions, run_seconds, start_training, train, write_run_record
 from .weights import read_config, save_pretrained
 
@@ -118,7 +121,7 @@ class InstructionTask:
     def end_of_epoch(self, model, train_batches, val_batches):
         """The book's generate_and_print_sample: 50 greedy tokens after the prompt, the
         decoded text on one line (no end-of-text stop, as generate_text_simple)."""
-        idx = np.array([self.tokenizer.encode_ordinary(self.sample_prompt)], dtype=np.int64)
+        idx = np.array([encode_text(self.tokenizer, self.sample_prompt)], dtype=np.int64)
         out = generate(model, idx, SAMPLE_MAX_NEW_TOKENS)
         return {}, self.tokenizer.decode(out[0].tolist()).replace("\n", " ")
 
@@ -128,7 +131,7 @@ def answer(model, tokenizer, entry, max_new_tokens=ANSWER_MAX_NEW_TOKENS):
     prompt, up to max_new_tokens, stopping at <|endoftext|> (which the book's generate
     does not append, so it is dropped here), then format_answer."""
     prompt = format_input(entry)
-    idx = np.array([tokenizer.encode_ordinary(prompt)], dtype=np.int64)
+    idx = np.array([encode_text(tokenizer, prompt)], dtype=np.int64)
     ids = generate(model, idx, max_new_tokens, eos_id=END_OF_TEXT_ID)[0].tolist()
     if len(ids) > idx.shape[1] and ids[-1] == END_OF_TEXT_ID:
         ids = ids[:-1]

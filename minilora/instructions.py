@@ -41,7 +41,7 @@ from .cache import cache_dir, is_offline
 from .data import BatchLoader, DataError
 from .download import DownloadError, download
 from .files import write_text
-from .tokenizer import END_OF_TEXT_ID, get_tokenizer
+from .tokenizer import END_OF_TEXT_ID, encode_texts, get_tokenizer
 
 INSTRUCTION_DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
                         "01_main-chapter-code/instruction-data.json")
@@ -299,11 +299,11 @@ def prompt_token_count(tokenizer, token_ids, prompt):
 def encode_entries(name, entries, tokenizer, *, first_index=0, source=""):
     """Tokenize entries like the book's InstructionDataset -> InstructionSplit.
 
-    encode_ordinary gives the book's encode() ids on all of its entries, and treats a
-    literal "<|endoftext|>" in a user's text as text instead of raising.
+    encode_texts (tiktoken's encode_ordinary) gives the book's encode() ids on all of its
+    entries, and treats a literal "<|endoftext|>" in a user's text as text instead of raising.
     """
     texts = [format_training_text(entry) for entry in entries]
-    token_ids = tokenizer.encode_ordinary_batch(texts)
+    token_ids = encode_texts(tokenizer, texts)
     prompt_lengths = [prompt_token_count(tokenizer, ids, format_input(entry))
                       for ids, entry in zip(token_ids, entries)]
     return InstructionSplit(name=name, entries=list(entries), token_ids=token_ids,
