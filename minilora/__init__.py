@@ -19,5 +19,6 @@ from .lora import (
 )
 from .model import GPTModel
 from .optim import AdamW, clip_grad_norm, constant_schedule, warmup_cosine_schedule
+from .peft import export_peft  # a language model's adapter as a Hugging Face PEFT LoRA folder
 
 __version__ = "0.1.0"

@@ -227,12 +227,10 @@ def read_adapter(folder):
     # a crash between save_adapter's two renames leaves the previous adapter as <folder>.old
     recover_folder(folder, _is_adapter)
     cfg_path, data = _read_config_json(folder)
-    found = _peft_adapter(folder, cfg_path, data)
-    if found:
-        # Here goes PEFT import (minilora/peft.py): return its (config, tensors), in this
-        # function's form, instead of refusing.
-        raise AdapterError(f"{folder} holds a Hugging Face PEFT adapter, not a minilora one ({found}); "
-                           f"minilora reads {CONFIG_FILE} + {WEIGHTS_FILE}")
+    if _peft_adapter(folder, cfg_path, data):
+        from .peft import read_peft_adapter  # here, not at the top: peft imports this module
+
+        return read_peft_adapter(folder)
     w_path = folder / WEIGHTS_FILE
     for p in (cfg_path, w_path):
         if not p.is_file():
@@ -253,6 +251,12 @@ def _read_config_json(folder):
         return cfg_path, load_json(cfg_path)
     except FileCheckError as e:
         raise AdapterError(str(e)) from None
+
+
+def holds_peft_adapter(folder):
+    """Whether `folder` holds a Hugging Face PEFT adapter and no minilora one."""
+    folder = Path(folder)
+    return bool(_peft_adapter(folder, *_read_config_json(folder)))
 
 
 def _peft_adapter(folder, cfg_path, data):
@@ -298,7 +302,12 @@ def _read_tensors(w_path):
 
 def load_adapter(model, folder):
     """Attach the adapter saved in `folder` to `model` (which must not have LoRA yet),
-    replacing the head with the saved one when there is one. Returns the config."""
+    replacing the head with the saved one when there is one. Returns the config.
+    A Hugging Face PEFT LoRA folder for GPT-2 is read too (minilora.peft.load_peft_adapter)."""
+    if holds_peft_adapter(folder):
+        from .peft import load_peft_adapter  # here, not at the top: peft imports this module
+
+        return load_peft_adapter(model, folder)
     config, tensors = read_adapter(folder)
     if model.lora is not None:
         raise AdapterError("the model already has LoRA adapters; remove_lora(model) first")

@@ -532,6 +532,10 @@ def build_parser():
                    help="check the *_forward/*_backward functions of this Python file instead of minilora's "
                         "(e.g. examples/exercises/layers.py); reports each passed / failed / not implemented / needs NAME (it calls a function still to write)")
     p.set_defaults(func=cmd_gradcheck)
+
+    from .export import add_export_parser  # `minilora export`: a PEFT folder or a merged checkpoint
+
+    add_export_parser(sub)
     return parser
 
 

@@ -8,7 +8,9 @@ with W and b frozen and only A and B trained (Hu et al. 2021, "LoRA: Low-Rank
 Adaptation of Large Language Models"; Raschka, appendix E). On GPT-2's fused
 ``c_attn`` (C -> 3C = [Q | K | V]) the book puts three separate adapters, one per
 column block; here every adapter names the columns of its linear it writes into,
-so the fused and the plain case are one mechanism.
+so the fused and the plain case are one mechanism. The site "h.{i}.attn.c_attn"
+itself is one adapter over all 3C columns (Hugging Face PEFT's default on GPT-2):
+never part of "all", chosen only by naming it (see select_targets).
 
 GPT-2's LM head is tied to the token table (logits = x @ wte^T, wte also the
 embedding), so its adapter "lm_head" goes beside wte, never into it:
@@ -140,11 +142,19 @@ def config_sites(cfg, head_outputs=None):
         sites[h + "attn.c_proj"] = (h + "attn.c_proj", slice(None), C, C)
         sites[h + "mlp.c_fc"] = (h + "mlp.c_fc", slice(None), C, 4 * C)
         sites[h + "mlp.c_proj"] = (h + "mlp.c_proj", slice(None), 4 * C, C)
+        # one adapter over all of Q|K|V (PEFT's); last in the block, so the sites listed
+        # before it (and in error messages) are those of the book
+        sites[h + "attn.c_attn"] = (h + "attn.c_attn", slice(None), C, 3 * C)
     if head_outputs is not None:
         sites["out_head"] = ("out_head", slice(None), C, head_outputs)
     else:
         sites["lm_head"] = ("lm_head", slice(None), C, cfg.vocab_size)
     return sites
+
+
+def is_whole_c_attn(prefix):
+    """Whether `prefix` is the site of one adapter over all of a block's fused Q|K|V."""
+    return prefix.endswith(".attn.c_attn")
 
 
 def resolve_targets(model, targets="all", layers=None):
@@ -160,10 +170,13 @@ def select_targets(sites, n_layers, targets="all", layers=None):
     classifier, lm_head on a language model), "attention" (Q and V, as in the LoRA
     paper), or a list of names / glob patterns matched against full prefixes
     ("h.*.mlp.c_fc") or their trailing part ("c_attn.q", "mlp.c_proj", "out_head",
-    "lm_head"). layers: block indices to keep (None = all; the head is no block's and stays).
+    "lm_head"). "c_attn" (or "h.0.attn.c_attn") is the one adapter over all of Q|K|V;
+    a pattern that also matches Q, K or V of a block ("*c_attn*") keeps those alone,
+    as it did before that site existed. layers: block indices to keep (None = all; the
+    head is no block's and stays).
     """
     if targets == "all":
-        chosen = list(sites)
+        chosen = [p for p in sites if not is_whole_c_attn(p)]
     elif targets == "attention":
         chosen = [p for p in sites if p.endswith(("c_attn.q", "c_attn.v"))]
     else:
@@ -173,6 +186,7 @@ def select_targets(sites, n_layers, targets="all", layers=None):
             hits = [p for p in sites if fnmatch.fnmatchcase(p, pat) or p.endswith("." + pat)]
             if not hits:
                 raise ValueError(f"LoRA target {pat!r} matches no linear layer; e.g. {list(sites)[:6]}")
+            hits = [p for p in hits if not (is_whole_c_attn(p) and any(p + "." + q in hits for q in "qkv"))]
             chosen += [p for p in hits if p not in chosen]
         chosen.sort(key=list(sites).index)
     if layers is not None:
@@ -185,10 +199,14 @@ def select_targets(sites, n_layers, targets="all", layers=None):
 
 
 class LoraState:
-    """What apply_lora attached to a model: settings, adapters per linear, mode flags."""
+    """What apply_lora attached to a model: settings, adapters per linear, mode flags.
 
-    def __init__(self, rank, alpha, scaling, dropout, adapters, base_trainable):
+    rank and alpha are every adapter's, except where ranks / alphas (prefix -> value)
+    say otherwise: what an imported PEFT adapter's rank_pattern / alpha_pattern give."""
+
+    def __init__(self, rank, alpha, scaling, dropout, adapters, base_trainable, ranks=None, alphas=None):
         self.rank, self.alpha, self.scaling, self.dropout = rank, alpha, scaling, dropout
+        self.ranks, self.alphas = dict(ranks or {}), dict(alphas or {})
         self.adapters = adapters  # list of Adapter, in site order
         self.by_linear = {}
         for ad in adapters:
@@ -196,9 +214,11 @@ class LoraState:
         self.base_trainable = base_trainable  # model.trainable before apply_lora, for remove_lora
         self.enabled = True
         self.merged = False
+        self.own_head = False  # the model had an untied lm_head.weight of its own before any merge
 
     @property
     def scale(self):
+        """The scale of an adapter of the common rank and alpha (each Adapter has its own)."""
         return lora_scale(self.alpha, self.rank, self.scaling)
 
     @property
@@ -209,6 +229,12 @@ class LoraState:
     def param_names(self):
         return [ad.prefix + s for ad in self.adapters for s in (".lora_A", ".lora_B")]
 
+    def rank_of(self, prefix):
+        return self.ranks.get(prefix, self.rank)
+
+    def alpha_of(self, prefix):
+        return self.alphas.get(prefix, self.alpha)
+
     def active(self, linear):
         """The adapters the forward must run on `linear` (none when disabled or merged)."""
         if not self.enabled or self.merged:
@@ -216,32 +242,46 @@ class LoraState:
         return self.by_linear.get(linear, ())
 
     def config(self):
-        return dict(rank=self.rank, alpha=self.alpha, scaling=self.scaling,
-                    dropout=self.dropout, targets=self.targets)
+        """The settings to save; ranks / alphas only when some adapter has its own, so
+        that an adapter of one rank keeps the keys it always had."""
+        config = dict(rank=self.rank, alpha=self.alpha, scaling=self.scaling,
+                      dropout=self.dropout, targets=self.targets)
+        if self.ranks:
+            config["ranks"] = dict(self.ranks)
+        if self.alphas:
+            config["alphas"] = dict(self.alphas)
+        return config
 
 
 def apply_lora(model, rank=16, alpha=16, scaling="alpha_over_r", targets="all", seed=123,
-               dropout=0.0, layers=None):
+               dropout=0.0, layers=None, ranks=None, alphas=None):
     """Attach LoRA adapters to `model` and freeze every base parameter.
 
     A is drawn uniform in +-1/sqrt(rank) (what torch's kaiming_uniform_(a=sqrt(5))
     gives on an (in, r) tensor), B is zero: the adapted model starts equal to the
     base model. Afterwards model.trainable is the LoRA parameters alone.
+    ranks / alphas: {target prefix: value} for adapters whose rank or alpha differs
+    from `rank` / `alpha` (an imported PEFT adapter's rank_pattern / alpha_pattern);
+    each such adapter's scale is lora_scale(its alpha, its rank, scaling).
     """
     if model.lora is not None:
         raise ValueError("the model already has LoRA adapters; remove_lora(model) first")
-    if not (isinstance(rank, (int, np.integer)) and rank > 0):
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+    ranks, alphas = dict(ranks or {}), dict(alphas or {})
+    for r in [rank, *ranks.values()]:
+        if not (isinstance(r, (int, np.integer)) and r > 0):
+            raise ValueError(f"LoRA rank must be a positive integer, got {r!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
-    # alpha 0 makes the scale 0: the adapters would train without ever changing the output
-    if not (isinstance(alpha, (int, float, np.number)) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"LoRA alpha must be a positive finite number, got {alpha!r}")
-    scale = lora_scale(alpha, rank, scaling)
-    if rank > model.cfg.emb_dim:  # every adapted layer has emb_dim inputs or outputs
-        raise ValueError(f"LoRA rank {rank} exceeds the model width {model.cfg.emb_dim}: the update "
-                         f"A @ B of a layer with {model.cfg.emb_dim} inputs or outputs has rank at most "
-                         f"{model.cfg.emb_dim}")
+    for a in [alpha, *alphas.values()]:
+        # alpha 0 makes the scale 0: the adapters would train without ever changing the output
+        if not (isinstance(a, (int, float, np.number)) and math.isfinite(a) and a > 0):
+            raise ValueError(f"LoRA alpha must be a positive finite number, got {a!r}")
+    lora_scale(alpha, rank, scaling)  # an unknown scaling is refused before anything changes
+    width = model.cfg.emb_dim
+    for r in [rank, *ranks.values()]:
+        if r > width:  # every adapted layer has emb_dim inputs or outputs
+            raise ValueError(f"LoRA rank {r} exceeds the model width {width}: the update A @ B of a layer "
+                             f"with {width} inputs or outputs has rank at most {width}")
     sites = adapter_sites(model)
     if targets is None or (not isinstance(targets, str) and len(targets) == 0) or targets == "":
         raise ValueError(f"LoRA targets {targets!r} select no layer: nothing would be trained; use "
@@ -250,15 +290,23 @@ def apply_lora(model, rank=16, alpha=16, scaling="alpha_over_r", targets="all", 
     if not prefixes:  # e.g. layers=[] : nothing left to train either
         raise ValueError(f"LoRA targets {targets!r} with layers {layers!r} select no layer: nothing "
                          f"would be trained")
+    for what, given in (("ranks", ranks), ("alphas", alphas)):
+        stray = [p for p in given if p not in prefixes]
+        if stray:
+            raise ValueError(f"LoRA {what} name {stray[0]!r}, which is not among the targets {prefixes[:4]}...")
+    ranks = {p: r for p, r in ranks.items() if r != rank}  # only what differs is kept and saved
+    alphas = {p: a for p, a in alphas.items() if a != alpha}
     rng = np.random.default_rng(seed)
-    bound = 1.0 / math.sqrt(rank)
     adapters = []
     for prefix in prefixes:
         linear, cols, n_in, n_out = sites[prefix]
-        model.params[prefix + ".lora_A"] = model._to_model(rng.uniform(-bound, bound, (n_in, rank)))
-        model.params[prefix + ".lora_B"] = model._to_model(np.zeros((rank, n_out)))
-        adapters.append(Adapter(prefix, linear, cols, scale))
-    model.lora = LoraState(rank, alpha, scaling, dropout, adapters, list(model.trainable))
+        r = ranks.get(prefix, rank)
+        bound = 1.0 / math.sqrt(r)
+        model.params[prefix + ".lora_A"] = model._to_model(rng.uniform(-bound, bound, (n_in, r)))
+        model.params[prefix + ".lora_B"] = model._to_model(np.zeros((r, n_out)))
+        adapters.append(Adapter(prefix, linear, cols, lora_scale(alphas.get(prefix, alpha), r, scaling)))
+    model.lora = LoraState(rank, alpha, scaling, dropout, adapters, list(model.trainable), ranks, alphas)
+    model.lora.own_head = "lm_head.weight" in model.params  # untied before any merge: see _fold_tied_head
     model.trainable = model.lora.param_names
     return model
 
@@ -283,8 +331,14 @@ def _fold(model, sign):
 
 def _fold_tied_head(model, ad, sign):
     """Merge: lm_head.weight (C, V) = wte^T + s * A @ B, a new untied head weight.
-    Unmerge: delete it; the head is wte^T again, bit for bit (nothing was subtracted)."""
+    Unmerge: delete it; the head is wte^T again, bit for bit (nothing was subtracted).
+    A model whose head was untied already (an untied checkpoint, e.g. a merged export
+    read back) folds into its own lm_head.weight like any linear."""
     p = model.params
+    if model.lora.own_head:
+        w = p["lm_head.weight"]  # [C, V]
+        w += w.dtype.type(sign * ad.scale) * (p[ad.prefix + ".lora_A"] @ p[ad.prefix + ".lora_B"])
+        return
     if sign > 0:
         wte = p["wte.weight"]  # [V, C]
         delta = wte.dtype.type(ad.scale) * (p[ad.prefix + ".lora_A"] @ p[ad.prefix + ".lora_B"])  # [C, V]

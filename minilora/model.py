@@ -363,8 +363,10 @@ class GPTModel:
         if self.lora is not None and self.lora.merged and set(self.lora.param_names) & set(self.trainable):
             raise RuntimeError("LoRA adapters are merged into the weights: unmerge_lora(model) before training")
         if "lm_head.weight" in self.params and "wte.weight" in self._forward_trainable:
-            # the merged head read lm_head.weight, not wte: wte's head gradient would be missing
-            raise RuntimeError("the LM head is merged into lm_head.weight: unmerge_lora(model) before training wte")
+            # the head read lm_head.weight, not wte: wte's head gradient would be missing
+            raise RuntimeError("the LM head has a weight of its own, lm_head.weight (a merged LoRA head, or a "
+                               "checkpoint with tie_word_embeddings false), and minilora trains wte only as "
+                               "the tied head: unmerge_lora(model) first, or train LoRA adapters instead")
         if tuple(dlogits.shape) != self._logits_shape:  # else it fails deep inside a layer
             raise ValueError(f"dlogits has shape {tuple(dlogits.shape)}, the logits of the last "
                              f"forward have shape {self._logits_shape}")

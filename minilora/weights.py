@@ -42,11 +42,21 @@ class CheckpointError(MiniloraError, ValueError):
 # ---------------------------------------------------------------------------- names and configs
 
 
+# Tensors a checkpoint may hold beside GPT-2's own (config.param_shapes):
+# - lm_head.weight (V, C), nn.Linear's layout of the LM head. GPT-2's files leave it out (the
+#   head is wte, tied) and some exports store that tied copy, which is skipped; with
+#   "tie_word_embeddings": false in config.json it is a head of its own (what `minilora
+#   export --merged` writes for an adapted head), read as minilora's untied lm_head.weight (C, V);
+# - out_head.weight (C, n) and out_head.bias (n): a classifier's head (`minilora export
+#   --merged` of a classifier, with a "minilora" note in config.json).
+HEAD_TENSORS = ("lm_head.weight", "out_head.weight", "out_head.bias")
+
+
 def hf_name(name):
     """Our name for a checkpoint tensor name, or None for what is skipped."""
     if name.startswith("transformer."):
         name = name[len("transformer."):]
-    if _BUFFER.match(name) or name == "lm_head.weight":
+    if _BUFFER.match(name):
         return None
     return name
 
@@ -86,8 +96,10 @@ HF_CONFIG_SCHEMA = Schema("Hugging Face GPT-2 config", {
     "n_head": Field("int", least=1),
     "n_layer": Field("int", least=1),
     "layer_norm_epsilon": Field("number", required=False),  # absent: GPT2Config's default, 1e-5
+    "tie_word_embeddings": Field("bool", required=False),  # absent: tied, as GPT-2's own files
+    "minilora": Field("dict", required=False),  # minilora export --merged's note on a classifier head
 }, relations=(_context_given, _heads_divide_width, _gpt2_epsilon), extra="ignore",
-    defaults={"layer_norm_epsilon": GPT2_LAYER_NORM_EPS})
+    defaults={"layer_norm_epsilon": GPT2_LAYER_NORM_EPS, "tie_word_embeddings": True})
 
 
 def config_from_hf(d, source=CONFIG_NAME):
@@ -211,6 +223,12 @@ def check_tensors(header, cfg, path):
             more = f" (and {len(items) - 10} more)" if len(items) > 10 else ""
             problems.append(f"{title} ({len(items)}): {', '.join(items[:10])}{more}")
 
+    C, V = cfg.emb_dim, cfg.vocab_size
+    if "out_head.weight" in header:  # a classifier: its bias goes with it, of its width
+        n = header["out_head.weight"][0][-1]
+        expected = {**expected, "out_head.weight": (C, n), "out_head.bias": (n,)}
+    if "lm_head.weight" in header:
+        expected = {**expected, "lm_head.weight": (V, C)}
     listed("missing", [n for n in expected if n not in header])
     listed("unexpected", [n for n in header if n not in expected])
     listed("wrong shape", [f"{n} {header[n][0]} != {s}" for n, s in expected.items()
@@ -219,6 +237,18 @@ def check_tensors(header, cfg, path):
            [f"{n} {header[n][1]}" for n in header if n in expected and header[n][1] not in ("F16", "F32", "F64")])
     if problems:
         raise CheckpointError(f"{path} does not match a GPT-2 with {cfg}:\n  " + "\n  ".join(problems))
+
+
+def _tied_head(weights_path):
+    """Whether the LM head is wte (GPT-2's tie), as the config.json beside the weights says
+    (no config.json: tied)."""
+    path = Path(weights_path).parent / CONFIG_NAME
+    if not path.is_file():
+        return True
+    try:
+        return read_json(path, HF_CONFIG_SCHEMA)["tie_word_embeddings"]
+    except FileCheckError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _read_config(path):
@@ -315,16 +345,22 @@ def load_pretrained(cls, name_or_path, dtype="float32", device=None, offline=Non
     cfg = _checked_config(path, cfg, header)
     check_tensors(header, cfg, path)
     model = cls(cfg, dtype=dtype, device=device, init=False)
+    untied = not _tied_head(path)
     f = _open(path)
     for ours, (_, _, stored) in header.items():  # one tensor in host memory at a time
+        if ours == "lm_head.weight" and not untied:
+            continue  # the tied head's stored copy of wte: wte is the head
         array = f.get_tensor(stored)
+        if ours == "lm_head.weight":
+            array = np.ascontiguousarray(array.T)  # nn.Linear's (V, C) -> minilora's (C, V)
         with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
             cast = array.astype(model.dtype, copy=False)  # on the host: checked before it reaches a device
         problem = nonfinite_problem(cast, array)
         if problem:  # a NaN weight would only show up as a NaN loss at step 0, blamed on the lr
             raise CheckpointError(f"{path}: {stored} {problem}")
         model.params[ours] = model._to_model(cast)
-    model.params = {n: model.params[n] for n in param_shapes(cfg)}  # checkpoint order
+    names = list(param_shapes(cfg)) + [n for n in HEAD_TENSORS if n in model.params]
+    model.params = {n: model.params[n] for n in names}  # checkpoint order, the heads last
     model.trainable = list(model.params)
     model.name = name
     return model

@@ -509,9 +509,15 @@ def test_a_peft_adapter_is_named_as_one(tmp_path, tiny_cfg, files):
                   str(folder / "adapter_model.safetensors"))
     model = ml.GPTModel(tiny_cfg, seed=0)
     before = snapshot(model)
-    with pytest.raises(AdapterError) as e:
+    with pytest.raises(AdapterError) as e:  # read as PEFT (minilora.peft), and refused as a PEFT folder
         load_adapter(model, folder)
-    assert one_line(e).startswith(f"{folder} holds a Hugging Face PEFT adapter, not a minilora one")
+    message = one_line(e)
+    if files == ("config", "weights"):  # both files, but only block 0's lora_A of what c_attn needs
+        assert message.startswith(f"{folder / 'adapter_model.safetensors'}: missing tensor "
+                                  f"base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"), message
+    else:
+        missing = "adapter_model.safetensors" if files == ("config",) else "adapter_config.json"
+        assert message == f"not a PEFT adapter folder: {folder / missing} is missing"
     assert_unchanged(model, before)
 
 
@@ -520,7 +526,7 @@ def test_classify_on_a_peft_adapter_says_so(offline, tmp_path, capsys):
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps(PEFT_CONFIG))
     assert classify(folder) == 1
-    assert f"{folder} holds a Hugging Face PEFT adapter, not a minilora one" in error_line(capsys)
+    assert f"not a PEFT adapter folder: {folder / 'adapter_model.safetensors'} is missing" in error_line(capsys)
 
 
 def test_another_format_under_the_old_name_is_named(adapter):
