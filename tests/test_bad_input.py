@@ -21,6 +21,7 @@ from minilora import checkpoint
 from minilora import train as train_mod
 
 from fixtures_weights import TINY_REAL_VOCAB
+from cli_helpers import error_line
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = {"food": "pizza pasta bread cheese soup", "sport": "goal match team score ball"}
@@ -53,14 +54,6 @@ def finetune(model, data, out, *args):
                      "--epochs", "1", "--rank", "4", "--alpha", "4", "--lr", "2e-3", "--batch-size", "4",
                      "--eval-freq", "2", "--eval-iter", "1", *map(str, args)])
 
-
-def error_line(capsys):
-    """The one line a failed command printed on stderr (and nothing that looks like a traceback)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def leftovers(folder):

@@ -20,6 +20,7 @@ from minilora.generate import GenerationError, generate, generate_text
 from minilora.optim import OptimizerError
 
 from fixtures_weights import TINY_REAL_VOCAB
+from cli_helpers import error_line
 
 WORDS = {"food": "pizza pasta bread cheese soup", "sport": "goal match team score ball"}
 
@@ -56,14 +57,6 @@ def nothing_trained(run):
     tests/test_bad_input.py.)"""
     return not any((run / name).exists() for name in ("checkpoint", "adapter", "metrics.json"))
 
-
-def error_line(capsys):
-    """The one line a failed command printed on stderr (and nothing that looks like a traceback)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- data probably misread

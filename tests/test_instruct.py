@@ -29,9 +29,9 @@ from minilora import cli
 from minilora import checkpoint
 from minilora import train as train_mod
 from minilora.instructions import INSTRUCTION_DATA_FILE, RESPONSES_FILE, format_input
-from minilora.weights import save_pretrained
 
 from fixtures_data import SHARED_DATA
+from fixtures_weights import always_eot_model
 
 EOT = 50256
 SHARED_FILE = SHARED_DATA / "instructions" / INSTRUCTION_DATA_FILE
@@ -49,22 +49,6 @@ def book_file(minilora_home):
     shutil.copyfile(SHARED_FILE, folder / INSTRUCTION_DATA_FILE)
     with open(SHARED_FILE, encoding="utf-8") as f:
         return json.load(f)  # the 1,100 entries as the book reads them
-
-
-def always_eot_model():
-    model = ml.GPTModel(TINY, seed=0)
-    model.params["ln_f.bias"][:] = 0
-    model.params["ln_f.bias"][0] = 5.0
-    model.params["wte.weight"][EOT] = 0
-    model.params["wte.weight"][EOT, 0] = 5.0
-    return model
-
-
-@pytest.fixture(scope="module")
-def eot_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-eot-gpt2")
-    save_pretrained(always_eot_model(), folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from minilora.adapters import (CONFIG_FILE, FORMAT, MODEL_CONFIG_SCHEMA, OLD_CON
 from minilora.weights import CheckpointError, config_to_hf, write_checkpoint
 
 from fixtures_weights import TINY_REAL_VOCAB
+from cli_helpers import error_line
 
 CFG = ml.GPTConfig(vocab_size=19, context_length=9, emb_dim=12, n_heads=3, n_layers=2)
 MISSING = object()  # a change that deletes the key
@@ -70,14 +71,6 @@ def names_file_and_key(message, path, key):
     """Whether `message` names the file and the key (a list item as key[i] counts)."""
     return str(path) in message and re.search(rf"(^|\s){re.escape(key)}(\[\d+\])?: ", message) is not None
 
-
-def error_line(capsys):
-    """The one line a failed command printed on stderr (and nothing that looks like a traceback)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def files_of(folder):

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import minilora as ml
 from minilora import cli
 from minilora import finetune as finetune_mod
 from minilora import train as train_mod
@@ -30,7 +29,7 @@ from minilora.finetune import FinetuneOptions, run_finetune
 from minilora.instruct import InstructOptions, run_instruct
 from minilora.run_folder import RUN_CONFIG_FILE
 from minilora.run_lock import LOCK_FILE, RunFolderBusy, RunFolderLock
-from minilora.weights import save_pretrained
+from cli_helpers import error_line
 
 WORDS = {"food": "pizza pasta bread cheese soup", "sport": "goal match team score ball"}
 THREE = {**WORDS, "tech": "laptop code chip cloud disk"}
@@ -67,14 +66,6 @@ def finetune_args(model, data, out, *args):
 def finetune(model, data, out, *args):
     return cli.main(finetune_args(model, data, out, *args))
 
-
-def error_line(capsys):
-    """The one line a failed command printed on stderr (and no traceback)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def snapshot(folder):
@@ -260,25 +251,6 @@ def test_a_missing_option_in_run_config_is_named(offline, tiny_checkpoint, tmp_p
 
 
 # ----------------------------------------------------------------------------- the instruction job
-
-
-def _always_eot(context_length):
-    """A tiny GPT-2 whose greedy next token is always <|endoftext|> (see tests/test_instruct.py):
-    answering stops at the first new token, so the job's answers cost one forward each."""
-    model = ml.GPTModel(ml.GPTConfig(vocab_size=50257, context_length=context_length, emb_dim=16, n_heads=2,
-                                     n_layers=2), seed=0)
-    model.params["ln_f.bias"][:] = 0
-    model.params["ln_f.bias"][0] = 5.0
-    model.params["wte.weight"][EOT] = 0
-    model.params["wte.weight"][EOT, 0] = 5.0
-    return model
-
-
-@pytest.fixture(scope="module")
-def eot_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("eot-gpt2")
-    save_pretrained(_always_eot(128), folder)
-    return folder
 
 
 def write_instructions(path, n=40, offset=0):
