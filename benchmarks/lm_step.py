@@ -37,7 +37,7 @@ import numpy as np
 
 import minilora as ml
 from minilora import backend
-from minilora.bench import own_peak_rss
+from minilora.bench import adapter_products, own_peak_rss
 from minilora.layers import masked_cross_entropy_backward, masked_cross_entropy_forward
 from minilora.optim import AdamW
 
@@ -77,8 +77,8 @@ def lm_step_matmuls(model, batch, seq):
     """Every matrix product of one LMStep on `batch` sequences, as (a_shape, b_shape,
     a_transposed, b_transposed), logical shapes (see minilora.bench.step_matmuls, the
     classifier's list, which this follows). Every base weight is frozen: no dW, only
-    dx = dout W^T; each adapter (in, r, out) adds forward x A, (xA) B and backward
-    dB = (xA)^T dout, g = dout B^T, dA = x^T g, dx += g A^T. No last-block trim: every
+    dx = dout W^T; the adapters add their products as the model runs them
+    (minilora.bench.adapter_products: a block's Q/K/V stacked). No last-block trim: every
     position is scored. The head is the tied x wte^T with its adapter, and its dx,
     dlogits wte, is a (N, V) x (V, C) product. The lowest block's c_attn needs no dx
     (nothing under it trains)."""
@@ -89,23 +89,14 @@ def lm_step_matmuls(model, batch, seq):
     def shape(name):  # (in, out) of the linear `name`; the tied head reads wte^T
         return (C, cfg.vocab_size) if name == "lm_head" else p[name + ".weight"].shape
 
-    def adapters(name):
-        return [p[ad.prefix + ".lora_A"].shape + p[ad.prefix + ".lora_B"].shape[1:] for ad in model.lora.active(name)]
-
     def forward(name):
         i, o = shape(name)
-        prods = [((N, i), (i, o), False, False)]
-        for a_in, r, a_out in adapters(name):
-            prods += [((N, a_in), (a_in, r), False, False), ((N, r), (r, a_out), False, False)]
-        return prods
+        return [((N, i), (i, o), False, False)] + adapter_products(model, name, N)
 
     def backward(name, need_dx=True):
         i, o = shape(name)
         prods = [((N, o), (o, i), False, name != "lm_head")] * need_dx  # wte is already (V, C)
-        for a_in, r, a_out in adapters(name):
-            prods += [((r, N), (N, a_out), True, False), ((N, a_out), (a_out, r), False, True),
-                      ((a_in, N), (N, r), True, False)] + [((N, r), (r, a_in), False, True)] * need_dx
-        return prods
+        return prods + adapter_products(model, name, N, backward=True, need_dx=need_dx)
 
     q, kT, att, v = (batch, NH, T, hs), (batch, NH, hs, T), (batch, NH, T, T), (batch, NH, T, hs)
     attention_fwd = [(q, kT, False, True), (att, v, False, False)]

@@ -121,16 +121,31 @@ def keep_freed_memory():
         pass  # not glibc: nothing to tune
 
 
+# ndarray subclasses that compute with an array module of their own: opcount.Counted, the
+# benchmark's counted arrays, whose module makes new arrays counted too (register_array_module)
+_subclass_modules = {}
+
+
 def get_array_module(x):
-    """numpy or cupy, whichever owns array ``x``."""
+    """numpy or cupy, whichever owns array ``x`` (for an ndarray subclass registered with
+    register_array_module, its module)."""
     if _cupy is not None and isinstance(x, _cupy.ndarray):
         return _cupy
-    return np
+    return _subclass_modules.get(type(x), np)
+
+
+def register_array_module(cls, xp):
+    """Make get_array_module answer `xp` for arrays of the ndarray subclass `cls`. Only the
+    benchmark's operation count (minilora.opcount) uses it: its arrays must make their new
+    arrays (xp.arange, xp.zeros) counted as well; plain arrays still get numpy."""
+    if not (isinstance(cls, type) and issubclass(cls, np.ndarray)) or cls is np.ndarray:
+        raise TypeError(f"register_array_module takes an ndarray subclass, got {cls!r}")
+    _subclass_modules[cls] = xp
 
 
 def device_of(x):
     """"cuda" for a CuPy array, "cpu" otherwise."""
-    return "cuda" if get_array_module(x) is not np else "cpu"
+    return "cuda" if _cupy is not None and isinstance(x, _cupy.ndarray) else "cpu"
 
 
 def to_device(x, device, dtype=None):

@@ -6,11 +6,13 @@ so that the ratios are meaningful on a noisy machine:
 
 - the median step time after a warm-up, and tokens per second;
 - the matmul floor: the step's own matrix products (the same shapes and layouts, in
-  the same batch shards side by side), timed alone; step / floor says how much time
-  goes elsewhere;
+  the same batch shards side by side), timed alone, one product's operands held at a
+  time (matmul_floor_fn); step / floor says how much time goes elsewhere;
 - the peak memory the step allocates (tracemalloc sees every NumPy buffer) and the
   process's peak resident set;
 - a breakdown of the step's time by layer function (cProfile);
+- the number of array operations of the step (the kernels a GPU would launch: its fixed
+  cost there), in all, by layer function and by kind (step_op_count, minilora.opcount);
 - greedy generation speed of GPT-2 small.
 """
 
@@ -22,10 +24,11 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections import Counter
 
 import numpy as np
 
-from . import backend
+from . import backend, opcount
 from .config import GPTConfig, param_shapes
 from .errors import MiniloraError
 from .layers import cross_entropy_backward, cross_entropy_forward
@@ -94,8 +97,33 @@ def build_step(cfg, batch=8, seq=120, rank=16, device=None, dtype="float32", see
 
 
 def _sync(xp):
-    if xp is not np:
+    if xp is not np and hasattr(xp, "cuda"):  # cupy (not opcount's counting numpy)
         xp.cuda.Stream.null.synchronize()
+
+
+def step_op_count(cfg, batch=8, seq=120, rank=16, dtype="float32", seed=0, targets="all", base=None):
+    """The array operations of one training step of build_step's classifier (opcount: the
+    kernels a GPU would launch), as opcount.OpCounter.report() plus "shards" (1) and
+    "seconds" (what counting took).
+
+    Counted on the CPU whatever the benchmark's device, the batch as one shard and AdamW on
+    whole buffers, as a GPU runs the step (opcount says why); BLAS on one thread, so that
+    the one shard does not contend with a busy machine's other work. AdamW's first step
+    also packs the trained tensors into its flat buffers, copies no later step makes: an
+    update with zero gradients (a weight decay of the adapters, nothing a count sees)
+    does that first, and the step counted is a steady one.
+    base: a CPU model of the same config whose GPT-2 weights to share (build_step)."""
+    from threadpoolctl import ThreadpoolController
+
+    t = time.perf_counter()
+    with opcount.one_shard(), ThreadpoolController().limit(limits=1, user_api="blas"):
+        model, step = build_step(cfg, batch, seq, rank, "cpu", dtype, seed, targets, base)
+        opcount.count_model(model)  # before AdamW packs: its flat buffers are then Counted too
+        step.labels = step.labels.view(opcount.Counted)
+        step.opt.step({name: model.xp.zeros_like(model.params[name]) for name in model.trainable})
+        with opcount.OpCounter() as ops:
+            step()
+    return {**ops.report(), "shards": 1, "seconds": time.perf_counter() - t}
 
 
 def time_calls(fn, xp, repeats, warmup=1):
@@ -127,27 +155,17 @@ def step_matmuls(model, batch, seq):
     N, C, NH, T = batch * seq, cfg.emb_dim, cfg.n_heads, seq
     hs = C // NH
 
-    def adapters(name):  # (in, r, out) of each LoRA adapter on the linear `name`
-        active = model.lora.active(name) if model.lora is not None else ()
-        return [p[ad.prefix + ".lora_A"].shape + p[ad.prefix + ".lora_B"].shape[1:] for ad in active]
-
     def linear_forward(rows, name):
-        """x @ W; each adapter: x A, (xA) B."""
+        """x @ W, and the adapters' products."""
         i, o = p[name + ".weight"].shape
-        prods = [((rows, i), (i, o), False, False)]
-        for a_in, r, a_out in adapters(name):
-            prods += [((rows, a_in), (a_in, r), False, False), ((rows, r), (r, a_out), False, False)]
-        return prods
+        return [((rows, i), (i, o), False, False)] + adapter_products(model, name, rows)
 
     def linear_backward(rows, name, need_dx=True):
-        """dx = dout @ W^T; dW = x^T dout when W trains; each adapter: dB, g = dout B^T, dA, dx += g A^T."""
+        """dx = dout @ W^T; dW = x^T dout when W trains; the adapters' products."""
         i, o = p[name + ".weight"].shape
         prods = [((rows, o), (o, i), False, True)] * need_dx
         prods += [((i, rows), (rows, o), True, False)] * (name + ".weight" in train)
-        for a_in, r, a_out in adapters(name):
-            prods += [((r, rows), (rows, a_out), True, False), ((rows, a_out), (a_out, r), False, True),
-                      ((a_in, rows), (rows, r), True, False)] + [((rows, r), (r, a_in), False, True)] * need_dx
-        return prods
+        return prods + adapter_products(model, name, rows, backward=True, need_dx=need_dx)
 
     def attention(Tq, backward):  # forward q k^T, att v; backward dy v^T, att^T dy, dqk k, dqk^T q
         q, kT = (batch, NH, Tq, hs), (batch, NH, hs, T)
@@ -178,44 +196,86 @@ def step_matmuls(model, batch, seq):
     return prods
 
 
-def matmul_floor_fn(step, operands=None):
-    """A function running the matrix products of `step` (a TrainStep) alone, on operands
-    made once, the way the step runs them: split into the model's batch shards, side by
-    side. Within one floor every product has operands of its own, so that none runs on
-    another's cached data. operands: a dict to share them between the floors of several
-    steps (see bench_compare), which run one after another: the k-th operand of a given
-    shape in a shard is the same array in each of them, so the memory is the largest
-    floor's, not the sum."""
+def adapter_products(model, name, rows, backward=False, need_dx=True):
+    """The LoRA products on the linear `name` for `rows` rows, as GPTModel runs them, in
+    step_matmuls' form. A block's stacked Q/K/V adapters (k of rank r, lora.lora_stack_forward,
+    the bench draws no LoRA dropout): forward x A_cat, (s xa) @ B_stack batched; backward dB,
+    g, dA batched (dA = x^T g broadcasts x^T over the k adapters: listed as k products, its
+    arithmetic) and dx = g A_cat^T. Every other adapter (lora_forward / lora_backward):
+    forward x A, (xA) B; backward dB, g = dout B^T, dA, dx += g A^T."""
+    if model.lora is None:
+        return []
+    p, stack = model.params, model.lora.stacks.get(name)
+    prods = []
+    if stack is not None:
+        k = len(stack.adapters)
+        a_in, r = p[stack.adapters[0].prefix + ".lora_A"].shape
+        w = p[stack.adapters[0].prefix + ".lora_B"].shape[1]
+        if backward:
+            prods += [((k, r, rows), (k, rows, w), True, False), ((k, rows, w), (k, w, r), False, True),
+                      ((k, a_in, rows), (k, rows, r), True, False)]
+            prods += [((rows, k * r), (k * r, a_in), False, True)] * need_dx
+        else:
+            prods += [((rows, a_in), (a_in, k * r), False, False), ((k, rows, r), (k, r, w), False, False)]
+    for ad in model.lora.active(name):
+        if stack is not None and ad in stack.adapters:
+            continue
+        (a_in, r), a_out = p[ad.prefix + ".lora_A"].shape, p[ad.prefix + ".lora_B"].shape[1]
+        if backward:
+            prods += [((r, rows), (rows, a_out), True, False), ((rows, a_out), (a_out, r), False, True),
+                      ((a_in, rows), (rows, r), True, False)] + [((rows, r), (r, a_in), False, True)] * need_dx
+        else:
+            prods += [((rows, a_in), (a_in, r), False, False), ((rows, r), (r, a_out), False, False)]
+    return prods
+
+
+def matmul_floor_fn(step):
+    """A function that runs the matrix products of `step` (a TrainStep) alone and returns
+    their seconds: one step's worth, split into the model's batch shards side by side,
+    as the step runs them.
+
+    One operand set at a time. For each distinct product (the same shapes and layouts in
+    every shard): operands are made, transposed ones stored transposed as the step's views
+    are; the product is called as many times as one step calls it, the shards side by
+    side (backend.run_parallel); the operands are freed before the next product's. Only
+    the calls are timed. The floor so holds one product's operands at a time, a few MB,
+    where one operand set per product (1,208 arrays for gpt2-small) took ~5 GB, ~17 GB
+    for gpt2-medium's shape, and gpt2-large's could not be measured in 24 GB
+    (benchmarks/lm_step.py's floor_fn does the same).
+
+    What that changes: a product called n times runs n times on the same operands, which
+    may sit in cache between the calls (small ones do), where before each call had
+    operands of its own. The floor is, if anything, lower: still a lower bound on the
+    time the step's products take. And the shards meet once per distinct product (a few
+    dozen hand-overs a step, timed) rather than once for all."""
     model = step.model
     xp, dtype, (batch, seq) = model.xp, model.dtype, step.idx.shape
     rng = np.random.default_rng(0)
-    operands = {} if operands is None else operands
+    per_shard = [step_matmuls(model, s.stop - s.start, seq) for s in backend.batch_shards(batch, model.device)]
+    # the k-th product of each shard is the same product on that shard's rows: count them
+    # across shards together, in the order the step first runs them
+    products = Counter(zip(*per_shard))
 
-    def operand(key, shape, transposed):
-        if key not in operands:
-            stored = shape[:-2] + shape[-2:][::-1] if transposed else shape
-            a = xp.asarray(rng.standard_normal(stored, dtype=np.float32).astype(dtype))
-            operands[key] = xp.swapaxes(a, -1, -2) if transposed else a
-        return operands[key]
+    def operand(shape, transposed):
+        stored = shape[:-2] + shape[-2:][::-1] if transposed else shape
+        a = xp.asarray(rng.standard_normal(stored, dtype=np.float32).astype(dtype, copy=False))
+        return xp.swapaxes(a, -1, -2) if transposed else a
 
-    shards = []
-    for k, s in enumerate(backend.batch_shards(batch, model.device)):
-        seen = {}
-        pairs = []
-        for a, b, ta, tb in step_matmuls(model, s.stop - s.start, seq):
-            keys = []
-            for shape, t in ((a, ta), (b, tb)):
-                n = seen[shape, t] = seen.get((shape, t), -1) + 1
-                keys.append(operand((k, shape, t, n), shape, t))
-            pairs.append(tuple(keys))
-        shards.append(pairs)
-
-    def run_shard(pairs):
-        for a, b in pairs:
+    def run_shard(a, b, calls):
+        for _ in range(calls):
             a @ b
 
     def run():
-        backend.run_parallel(run_shard, [(pairs,) for pairs in shards])
+        seconds = 0.0
+        for shards, calls in products.items():
+            items = [(operand(a, ta), operand(b, tb), calls) for a, b, ta, tb in shards]
+            _sync(xp)
+            t = time.perf_counter()
+            backend.run_parallel(run_shard, items)
+            _sync(xp)
+            seconds += time.perf_counter() - t
+            del items  # freed before the next product's operands are made
+        return seconds
 
     return run
 
@@ -350,19 +410,20 @@ DISPATCH_WIDTH, DISPATCH_HEADS = 64, 4  # the fixed-cost step: same layers and o
 
 
 def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, dtype="float32",
-                  repeats=5, breakdown=True, generation=True, torch=True):
-    """The full report as a dict (see the module docstring)."""
+                  repeats=5, breakdown=True, generation=True, torch=True, ops=True):
+    """The full report as a dict (see the module docstring); ops=False skips the
+    operation count."""
     device = backend.resolve_device(device)
     cfg = GPTConfig.from_preset(preset)
     model, step = build_step(cfg, batch, seq, rank, device, dtype)
     xp = model.xp
     # step and floor alternate, round by round, so that a slow spell of a noisy machine
     # hits both; the ratio is the median of the per-round ratios
-    floor_fn = matmul_floor_fn(step)
+    floor_fn = matmul_floor_fn(step)  # returns the seconds of its products
     shards = len(backend.batch_shards(batch, device))
     for fn in (step, step, floor_fn):  # warm-up
         fn()
-    rounds = [(time_calls(step, xp, 1, warmup=0), time_calls(floor_fn, xp, 1, warmup=0)) for _ in range(repeats)]
+    rounds = [(time_calls(step, xp, 1, warmup=0), floor_fn()) for _ in range(repeats)]
     step_s = float(np.median([s for s, _ in rounds]))
     floor_s = float(np.median([f for _, f in rounds]))
     eval_s = time_calls(lambda: step(train=False), xp, repeats)
@@ -387,6 +448,8 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
     }
     if breakdown:
         report["breakdown_seconds"] = layer_breakdown(step, shards)
+    if ops:  # the same step counted, its frozen weights shared (a CPU model's only)
+        report["op_count"] = step_op_count(cfg, batch, seq, rank, dtype, base=model if device == "cpu" else None)
     if generation:
         del model, step
         report["generate_tokens_per_second"] = generation_speed(cfg, device)

@@ -91,11 +91,16 @@ def cmd_instruct(args):
 
 
 def _read_adapter_settings(args):
-    """(adapter config, settings): how the adapter was trained to be used (pool, pad,
-    batching, max_length; its own record, else the book's), each overridden by its option."""
+    """(adapter config, settings) of a classifier's adapter: how it was trained to be used
+    (pool, pad, batching, max_length; its own record, else the book's), each overridden by
+    its option. A language model's adapter is refused: its "classes" would be the
+    vocabulary's token ids (and every accuracy 0)."""
     from .adapters import read_adapter
 
     config, _ = read_adapter(args.adapter)
+    if config.get("num_classes") is None:
+        raise OptionError(f"--adapter {args.adapter}: a language model's adapter (no classifier head); use "
+                          f"minilora generate --adapter {args.adapter}")
     settings = {"pool": args.pool or config.get("pool") or "last",
                 "pad": getattr(args, "pad", None) or config.get("pad") or "dataset",
                 "batching": getattr(args, "batching", None) or config.get("batching") or "shuffled",
@@ -114,7 +119,7 @@ def _overflow_unannounced():
         yield
 
 
-def _base_model(args, config, read):
+def read_base_model(args, config, read):
     """read(name) for the base model named by --model, else by the adapter's config, else
     gpt2-small; a failure with the adapter's name says where that name came from."""
     name = args.model or config.get("base_model") or "gpt2-small"
@@ -131,7 +136,7 @@ def _load_classifier(args, config):
     from .adapters import load_adapter
     from .model import GPTModel
 
-    model = _base_model(args, config, lambda name: GPTModel.from_pretrained(
+    model = read_base_model(args, config, lambda name: GPTModel.from_pretrained(
         name, dtype=args.dtype, device=args.device, offline=args.offline or None))
     load_adapter(model, args.adapter)
     return model.eval()
@@ -143,7 +148,8 @@ def _context_length(args, config, settings):
     a shape error from inside it afterwards."""
     from .weights import read_config
 
-    context = _base_model(args, config, lambda name: read_config(name, offline=args.offline or None)).context_length
+    cfg = read_base_model(args, config, lambda name: read_config(name, offline=args.offline or None))
+    context = cfg.context_length
     max_length = settings["max_length"]
     if max_length is None or max_length <= context:
         return context
@@ -311,7 +317,8 @@ def cmd_bench(args):
     if args.compare:
         return cmd_bench_compare(args)
     report = run_benchmark(args.model, args.batch_size, args.seq, args.rank, args.device, args.dtype,
-                           repeats=args.repeats, generation=not args.no_generation, torch=not args.no_torch)
+                           repeats=args.repeats, generation=not args.no_generation, torch=not args.no_torch,
+                           ops=not args.no_ops)
     if args.memory:
         report["memory_by_batch"] = memory_by_batch(args.model, seq=args.seq, rank=args.rank, device=args.device)
         if report["device"] == "cpu":
@@ -347,6 +354,14 @@ def cmd_bench(args):
     print("  time by layer function (one step; mean over the parallel shards):")
     for name, sec in list(r.get("breakdown_seconds", {}).items())[:12]:
         print(f"    {name:<24} {sec:7.3f} s")
+    if "op_count" in r:
+        ops = r["op_count"]
+        print(f"  array operations per step: {ops['total']:,} (the kernels a GPU would launch: the batch as one "
+              f"shard, AdamW on whole buffers; counted in {ops['seconds']:.1f} s)")
+        print("    by kind: " + ", ".join(f"{kind} {n:,}" for kind, n in ops["by_kind"].items()))
+        print("    by layer function (model glue: model.py outside a layer function):")
+        for name, n in ops["by_function"].items():
+            print(f"    {name:<24} {n:7,}")
     return 0
 
 
@@ -508,6 +523,8 @@ def build_parser():
     p.add_argument("--memory", action="store_true", help="also peak memory over batch 1..16 and peak RSS")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     p.add_argument("--no-generation", action="store_true", help="skip the generation timing")
+    p.add_argument("--no-ops", action="store_true", help="skip counting the step's array operations (two more "
+                                                         "steps, run on one core)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--compare", action="store_true",
                    help="LoRA against full fine-tuning: memory, optimizer state, gradients, checkpoint size and "
@@ -565,7 +582,7 @@ def _where(path, args):
 
 
 # bench options that only one mode reads: given to the other, they would be silently ignored
-BENCH_ONLY = ("--rank", "--memory", "--no-torch", "--no-generation")
+BENCH_ONLY = ("--rank", "--memory", "--no-torch", "--no-generation", "--no-ops")
 COMPARE_ONLY = ("--no-timing", "--no-floor", "--no-rss", "--out")
 
 

@@ -19,7 +19,10 @@ backward with nothing but the math (tests/test_reference.py holds the two equal 
   - one head, ``_head_forward``, for the forward and for generation's KV-cache path:
     the tied LM head x @ wte^T with its LoRA adapter "lm_head", or the classifier's
     out_head; a frozen wte gets no head dW;
-  - activations freed as the backward consumes them, residual gradients added in place.
+  - activations freed as the backward consumes them, residual gradients added in place;
+  - stacked Q/K/V adapters: a block's Q, K and V adapters of one rank and scale run as one
+    (lora.lora_stack_forward: two products forward where one by one they take six), except
+    while LoRA dropout draws a mask per adapter; reference.py runs each on its own columns.
 
 References: Radford et al. 2019 (GPT-2); Raschka, "Build a Large Language Model
 (From Scratch)", ch. 4 and appendix E; karpathy/nanoGPT ``model.py``.
@@ -46,7 +49,13 @@ from .layers import (
     linear_backward,
     linear_forward,
 )
-from .lora import lora_backward, lora_forward
+from .lora import (
+    AdapterStack,
+    lora_backward,
+    lora_forward,
+    lora_stack_backward,
+    lora_stack_forward,
+)
 from .weights import load_pretrained
 
 LN_EPS = 1e-5  # GPT-2's LayerNorm epsilon
@@ -237,8 +246,19 @@ class GPTModel:
             # (reference.forward keeps every activation). An adapter's cache still keeps x.
             cache = (None, cache[1])
         adapters = self.lora.active(name) if self.lora is not None else ()
-        lora_caches = []
+        lora_caches = []  # (Adapter or AdapterStack, its cache)
+        # Stacked Q/K/V adapters read one input, so not while LoRA dropout draws a mask per
+        # adapter: then each sees its own dropped x, one by one below
+        stack = self.lora.stacks.get(name) if adapters and (rng is None or not self.lora.dropout) else None
+        if stack is not None:
+            delta, c = lora_stack_forward(x, [p[ad.prefix + ".lora_A"] for ad in stack.adapters],
+                                          [p[ad.prefix + ".lora_B"] for ad in stack.adapters], stack.scale)
+            y_blocks = stack.blocks_of(y)  # [..., k, C], a view: y is the linear's fresh output
+            y_blocks += delta
+            lora_caches.append((stack, c))
         for ad in adapters:
+            if stack is not None and ad in stack.adapters:
+                continue
             delta, c = lora_forward(x, p[ad.prefix + ".lora_A"], p[ad.prefix + ".lora_B"], ad.scale,
                                     self.lora.dropout, rng)
             y[..., ad.cols] += delta
@@ -256,12 +276,18 @@ class GPTModel:
             dw = dw.T  # the tied head used W = wte^T: wte's share is dW^T, [C, V] -> [V, C]
         self._accumulate(grads, w_name, dw)
         self._accumulate(grads, name + ".bias", db)
-        for ad, c in lora_caches:
-            dx_lora, dA, dB = lora_backward(dout[..., ad.cols], c, need_dx=need_dx)
+        for group, c in lora_caches:
+            if isinstance(group, AdapterStack):
+                dx_lora, dAs, dBs = lora_stack_backward(group.blocks_of(dout), c, need_dx=need_dx)
+                ads = group.adapters
+            else:
+                dx_lora, dA, dB = lora_backward(dout[..., group.cols], c, need_dx=need_dx)
+                ads, dAs, dBs = (group,), (dA,), (dB,)
             if need_dx:
                 dx += dx_lora
-            self._accumulate(grads, ad.prefix + ".lora_A", dA)
-            self._accumulate(grads, ad.prefix + ".lora_B", dB)
+            for ad, dA, dB in zip(ads, dAs, dBs):
+                self._accumulate(grads, ad.prefix + ".lora_A", dA)
+                self._accumulate(grads, ad.prefix + ".lora_B", dB)
         return dx
 
     @staticmethod

@@ -260,7 +260,7 @@ def _crash_save_at(where, monkeypatch):
 
         def replace(src, dst):
             calls.append(dst)
-            if len(calls) == 2:  # folder -> folder.old done; tmp -> folder is the crash
+            if len(calls) == 2:  # folder set aside (.folder.<random>.old); tmp -> folder is the crash
                 raise KeyboardInterrupt
             return real(src, dst)
         monkeypatch.setattr(files.os, "replace", replace)
@@ -280,13 +280,13 @@ def test_an_interrupted_save_keeps_the_old_adapter_whole(tmp_path, tiny_cfg, mon
     with pytest.raises((OSError, KeyboardInterrupt, RuntimeError)):
         save_adapter(new, folder, class_names=["x", "y", "z"])
     monkeypatch.undo()
-    # reading puts back the old adapter a crash between the renames left as adapter.old
+    # reading puts back the old adapter a crash between the renames left set aside
     config = load_adapter(ml.GPTModel(tiny_cfg, seed=0), folder)
     assert config["rank"] == 2 and config["class_names"] == ["a", "b", "c"]
     assert (folder / ml.adapters.CONFIG_FILE).read_text() == old_config
     tensors = load_file(str(folder / "adapter.safetensors"))
     assert set(tensors) == set(old_tensors) and all(np.array_equal(tensors[n], old_tensors[n]) for n in tensors)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary, no adapter.old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary, nothing set aside
 
 
 @pytest.mark.parametrize("where", ["weights", "config"])
@@ -333,3 +333,140 @@ def test_lora_training_on_a_toy_task_leaves_the_base_untouched(device, tiny_cfg)
     assert losses[-1] < 0.5 * losses[0], losses[::10]
     for n, p in base.items():
         np.testing.assert_array_equal(to_numpy(model.params[n]), p, err_msg=n)
+
+
+# ---------------------------------------------------------------------------- stacked Q/K/V adapters
+
+# (apply_lora keywords, {block: (its stacked parts, the blocks of c_attn they write)}) on the
+# two-block tiny model; a block missing from the dict runs its adapters one by one
+STACK_CASES = [
+    ({}, {0: ("qkv", slice(0, 3, 1)), 1: ("qkv", slice(0, 3, 1))}),
+    ({"targets": "attention"}, {0: ("qv", slice(0, 3, 2)), 1: ("qv", slice(0, 3, 2))}),
+    ({"ranks": {"h.0.attn.c_attn.k": 1}}, {0: ("qv", slice(0, 3, 2)), 1: ("qkv", slice(0, 3, 1))}),
+    ({"ranks": {"h.0.attn.c_attn.k": 1, "h.0.attn.c_attn.v": 3}}, {1: ("qkv", slice(0, 3, 1))}),
+    ({"alphas": {"h.1.attn.c_attn.v": 5}}, {0: ("qkv", slice(0, 3, 1)), 1: ("qk", slice(0, 2, 1))}),
+    ({"targets": ["c_attn"]}, {}),  # PEFT's one adapter over all of Q|K|V: nothing to stack
+    ({"targets": ["c_attn", "c_attn.k", "c_attn.v"]}, {0: ("kv", slice(1, 3, 1)), 1: ("kv", slice(1, 3, 1))}),
+]
+
+
+@pytest.mark.parametrize("kw, expected", STACK_CASES)
+def test_qkv_adapters_of_one_rank_and_scale_are_stacked(tiny_cfg, kw, expected):
+    state = lora_model(tiny_cfg, **kw).lora
+    got = {int(linear.split(".")[1]): ("".join(ad.prefix[-1] for ad in stack.adapters), stack.blocks)
+           for linear, stack in state.stacks.items()}
+    assert got == expected
+    for stack in state.stacks.values():
+        assert {ad.scale for ad in stack.adapters} == {stack.scale}
+
+
+def count_stacked_calls(monkeypatch):
+    """Record every lora_stack_forward the model makes (the number of stacks it ran)."""
+    import minilora.model
+
+    calls = []
+    real = minilora.model.lora_stack_forward
+
+    def counted(*args):
+        calls.append(len(args[1]))  # how many adapters it stacked
+        return real(*args)
+
+    monkeypatch.setattr(minilora.model, "lora_stack_forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kw, expected", STACK_CASES)
+@pytest.mark.parametrize("positions", [None, np.array([4, 2])])
+def test_stacked_adapters_give_the_results_of_adapters_one_by_one(monkeypatch, device, tiny_cfg, tiny_idx, kw,
+                                                                   expected, positions):
+    """Logits and every LoRA gradient, stacked against one by one (stacks removed)."""
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "1")  # one shard: one stack call per stacked block
+    calls = count_stacked_calls(monkeypatch)
+    model = lora_model(tiny_cfg, device=device, **kw)
+    randomize_B(model)  # B = 0 would make every adapter's output and dA zero on both paths
+    G = np.random.default_rng(3).standard_normal((2, 3) if positions is not None else (2, 5, 3))
+
+    def run():
+        logits = model.forward(tiny_idx, positions=positions)
+        grads = model.backward(model.xp.asarray(G))
+        return to_numpy(logits), {n: to_numpy(g) for n, g in grads.items()}
+
+    stacked_logits, stacked = run()
+    assert calls == [len(parts) for parts, _ in expected.values()]
+    model.lora.stacks = {}
+    logits, one_by_one = run()
+    assert len(calls) == len(expected)  # no stack ran the second time
+    # Both paths add the same products in other groupings (one (in, k r) product against k
+    # (in, r) ones, sums over N = 10 rows batched or not): float64 rounding, each sum of
+    # n <= 40 terms of size ~1 off by ~n * 1.1e-16 ~ 5e-15, carried through two blocks with
+    # layernorm gains ~20: ~1e-13 relative to the largest entry. A wrong block or a lost
+    # scale is off by the size of the adapter's term, ~1e-1.
+    np.testing.assert_allclose(stacked_logits, logits, rtol=0, atol=1e-12 * np.abs(logits).max())
+    assert set(stacked) == set(one_by_one) == set(model.lora.param_names)
+    for n, g in one_by_one.items():
+        np.testing.assert_allclose(stacked[n], g, rtol=0, atol=1e-12 * max(np.abs(g).max(), 1e-300), err_msg=n)
+
+
+@pytest.mark.parametrize("parts, blocks", [("qkv", slice(0, 3, 1)), ("qv", slice(0, 3, 2)), ("kv", slice(1, 3, 1))])
+def test_stacked_pair_gradients_match_finite_differences(rng, parts, blocks):
+    """lora_stack_forward / backward on their own: delta per block is lora_forward's, and
+    dx, every dA and dB agree with central differences (as gradcheck's layer checks)."""
+    from minilora.gradcheck import LAYER_TOL, numerical_gradient, rel_error
+    from minilora.lora import (
+        AdapterStack,
+        lora_forward,
+        lora_stack_backward,
+        lora_stack_forward,
+    )
+
+    B, T, n_in, r, w, s = 2, 5, 7, 2, 4, 1.5
+    k = len(parts)
+    x = rng.standard_normal((B, T, n_in))
+    As = [rng.standard_normal((n_in, r)) for _ in parts]
+    Bs = [rng.standard_normal((r, w)) for _ in parts]
+    stack = AdapterStack(adapters=tuple(parts), blocks=blocks, scale=s)
+    G = rng.standard_normal((B, T, 3 * w))  # the upstream gradient of a linear's (B, T, 3w) output
+
+    def loss():
+        y = np.zeros((B, T, 3 * w))
+        y_blocks = stack.blocks_of(y)
+        y_blocks += lora_stack_forward(x, As, Bs, s)[0]
+        return float((y * G).sum())
+
+    delta, cache = lora_stack_forward(x, As, Bs, s)
+    assert delta.shape == (B, T, k, w)
+    for j in range(k):  # the same numbers as one adapter at a time, up to rounding (~1e-15)
+        np.testing.assert_allclose(delta[..., j, :], lora_forward(x, As[j], Bs[j], s)[0], rtol=0, atol=1e-13)
+    dx, dAs, dBs = lora_stack_backward(stack.blocks_of(G), cache)
+    assert rel_error(dx, numerical_gradient(loss, x)) < LAYER_TOL
+    for j in range(k):
+        assert rel_error(dAs[j], numerical_gradient(loss, As[j])) < LAYER_TOL, (parts[j], "A")
+        assert rel_error(dBs[j], numerical_gradient(loss, Bs[j])) < LAYER_TOL, (parts[j], "B")
+    no_dx, dAs2, dBs2 = lora_stack_backward(stack.blocks_of(G), cache, need_dx=False)
+    assert no_dx is None
+    for a, b in zip(dAs + dBs, dAs2 + dBs2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_with_lora_dropout_each_adapter_keeps_its_own_mask(monkeypatch, tiny_cfg, tiny_idx):
+    """Training with LoRA dropout: Q, K and V each draw their own mask, so nothing is stacked
+    and the output is bit for bit the one-by-one path's; in evaluation (no dropout) they stack."""
+    monkeypatch.setenv("MINILORA_NUM_THREADS", "1")
+    calls = count_stacked_calls(monkeypatch)
+    model = lora_model(tiny_cfg, dropout=0.3)
+    randomize_B(model)
+    assert model.lora.stacks  # stackable: one rank, one scale
+
+    def train_forward():
+        model._dropout_rng = np.random.default_rng(5)
+        return model.forward(tiny_idx)
+
+    trained = train_forward()
+    assert calls == []
+    stacks, model.lora.stacks = model.lora.stacks, {}
+    np.testing.assert_array_equal(trained, train_forward())
+    evaluated = model.eval().forward(tiny_idx)
+    model.lora.stacks = stacks
+    np.testing.assert_allclose(model.forward(tiny_idx), evaluated, rtol=0, atol=1e-12 * np.abs(evaluated).max())
+    assert calls == [3, 3]  # evaluation: both blocks stacked
+    assert not np.allclose(trained, evaluated)  # the dropout did act in training
