@@ -36,16 +36,18 @@ BOOK_MINUTES = {"full, M3 Air CPU": 15.78, "full, A100": 0.86, "LoRA, L4": 1.30}
 
 
 def stamped_run(cmd, env):
-    """Run cmd, echo its output, and return [(seconds since start, line)]."""
+    """Run cmd, echo its output, and return [(seconds since start, line)] and the machine's
+    1-minute load average read at each line (what else ran beside the job)."""
     t0 = time.perf_counter()
-    lines = []
+    lines, loads = [], []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as p:
         for line in p.stdout:
             lines.append((time.perf_counter() - t0, line.rstrip("\n")))
+            loads.append(os.getloadavg()[0])
             print(f"[{lines[-1][0]:8.1f} s] {line}", end="", flush=True)
     if p.returncode:
         raise SystemExit(f"minilora instruct failed ({p.returncode})")
-    return lines
+    return lines, loads
 
 
 def first_time(lines, prefix):
@@ -69,7 +71,7 @@ def main():
         cmd = [sys.executable, "-m", "minilora", "instruct", "--model", str(folder), "--offline",
                "--output-dir", str(run), "--epochs", str(args.epochs)] + (["--full"] if args.full else [])
         t_start = time.perf_counter()
-        lines = stamped_run(cmd, dict(os.environ, MINILORA_OFFLINE="1"))
+        lines, loads = stamped_run(cmd, dict(os.environ, MINILORA_OFFLINE="1"))
         wall = time.perf_counter() - t_start
         metrics = json.loads((run / "metrics.json").read_text())
         answers = json.loads((run / "instruction-data-with-response.json").read_text())
@@ -91,6 +93,9 @@ def main():
         "answer_tokens_max": 256,
         "trainable_params": metrics["trainable_params"],
         "book_minutes": BOOK_MINUTES,
+        # the job itself keeps both cores busy (load ~2): more means other work shared them
+        "load_average_1min_median": sorted(loads)[len(loads) // 2],
+        "load_average_1min_max": max(loads),
     }
     print(json.dumps(report, indent=2))
     print(f"whole job {wall / 60:.2f} min (training loop {metrics['training_seconds'] / 60:.2f} min, answers "

@@ -17,8 +17,8 @@ still read, and a folder that holds a PEFT adapter instead is named as one.
 save_adapter writes both into a temporary folder that then replaces the adapter folder
 whole (minilora.files.atomic_folder), so an interrupted save leaves the previous adapter
 or the new one, never new weights beside an old config or one file without the other;
-a crash between atomic_folder's two renames leaves ``<folder>.old``, which reading the
-adapter puts back. Because the folder is replaced whole, it must hold nothing but an
+a crash between atomic_folder's two renames leaves the previous adapter set aside
+(``.<folder>.<random>.old``), which reading the adapter puts back. Because the folder is replaced whole, it must hold nothing but an
 adapter. A caller whose bigger folder is already written atomically (a checkpoint)
 can write the two files into it with write_adapter instead.
 
@@ -32,7 +32,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from .backend import to_numpy
 from .errors import MiniloraError
@@ -40,7 +40,7 @@ from .files import atomic_folder, recover_folder
 from .lora import SCALINGS, adapter_sites, apply_lora
 from .schema import Field, FileCheckError, Schema, load_json
 from .tasks import POOLS
-from .weights import nonfinite_problem
+from .tensors import cast_finite, read_float_tensors
 
 WEIGHTS_FILE = "adapter.safetensors"
 CONFIG_FILE = "minilora_adapter.json"
@@ -56,7 +56,7 @@ class AdapterError(MiniloraError, ValueError):
 # ---------------------------------------------------------------------------- the config's schema
 
 
-def _below_one(key):
+def below_one(key):
     """A relation: d[key] < 1 (the schema's limits are inclusive; a dropout of 1 drops all)."""
     def relation(d):
         return (key, f"expected a number in [0, 1), found {d[key]!r}") if d[key] >= 1 else None
@@ -75,7 +75,7 @@ MODEL_CONFIG_SCHEMA = Schema("GPT-2 configuration", {
     "vocab_size": Field("int", least=1), "context_length": Field("int", least=1),
     "emb_dim": Field("int", least=1), "n_heads": Field("int", least=1), "n_layers": Field("int", least=1),
     "drop_rate": Field("number", least=0), "qkv_bias": Field("bool"),
-}, relations=(_below_one("drop_rate"), _heads_divide_width))
+}, relations=(below_one("drop_rate"), _heads_divide_width))
 
 
 def _class_names_fit(d):
@@ -146,7 +146,7 @@ def adapter_schema():
         # {target: rank or alpha} for adapters with their own (lora.LoraState.config writes them only then)
         "ranks": Field("dict", required=False, nullable=True),
         "alphas": Field("dict", required=False, nullable=True),
-    }, relations=(_below_one("dropout"), _per_target("ranks", Field("int", least=1)),
+    }, relations=(below_one("dropout"), _per_target("ranks", Field("int", least=1)),
                   _per_target("alphas", Field("number", above=0)), _class_names_fit, _rank_fits_width,
                   _max_length_fits_context))
 
@@ -166,19 +166,26 @@ def save_adapter(model, folder, base_model=None, class_names=None, max_length=No
     """
     tensors, config = _adapter_contents(model, base_model, class_names, max_length, pool, pad, batching)
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():  # atomic_folder would move the file aside for good
-        raise AdapterError(f"{folder} is a file, not a folder: an adapter is a folder of two files "
-                           f"({WEIGHTS_FILE}, {CONFIG_FILE}); save it to another path")
-    if folder.is_dir():  # replacing the folder would delete whatever else it holds
-        ours = (WEIGHTS_FILE, CONFIG_FILE, OLD_CONFIG_FILE)  # an older minilora's adapter is replaced too
-        others = sorted(p.name for p in folder.iterdir() if p.name not in ours)
-        if others:
-            raise AdapterError(f"{folder} holds other files than an adapter ({', '.join(others[:3])}"
-                               f"{', ...' if len(others) > 3 else ''}); saving replaces the folder whole: "
-                               f"save the adapter to a folder of its own")
+    # an older minilora's adapter (OLD_CONFIG_FILE) is replaced too
+    check_replaceable(folder, (WEIGHTS_FILE, CONFIG_FILE, OLD_CONFIG_FILE), "an adapter")
     with atomic_folder(folder) as tmp:
         _write_files(tmp, tensors, config)
     return folder
+
+
+def check_replaceable(folder, ours, what, error=AdapterError):
+    """Refuse, as `error`, a `folder` that atomic_folder cannot replace whole without
+    losing something: a file (it would be moved aside for good), or a folder holding
+    files other than `ours` (replacing it would delete them). `what`: what is written
+    ("an adapter", "a PEFT adapter", "a checkpoint"), for the message."""
+    if folder.exists() and not folder.is_dir():
+        raise error(f"{folder} is a file, not a folder: {what} is a folder; write it to another path")
+    if folder.is_dir():
+        others = sorted(p.name for p in folder.iterdir() if p.name not in ours)
+        if others:
+            raise error(f"{folder} holds other files than {what} ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}); writing replaces the folder whole: "
+                        f"write it to a folder of its own")
 
 
 def write_adapter(model, folder, **settings):
@@ -205,7 +212,20 @@ def _adapter_contents(model, base_model=None, class_names=None, max_length=None,
               "num_classes": model.n_out if "out_head.weight" in model.params else None,
               "class_names": None if class_names is None else list(class_names), "max_length": max_length,
               "pool": pool, "pad": pad, "batching": batching}
-    return tensors, config
+    return tensors, json_ready(config)
+
+
+def json_ready(value):
+    """`value` with every NumPy scalar in it made the Python value json.dumps writes:
+    apply_lora takes rank=np.int64(2) and alpha=np.float32(2.5), and a caller may pass a
+    NumPy max_length or class names; np.float32(2.5).item() is 2.5, the same number."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
 
 
 def _write_files(folder, tensors, config):
@@ -224,7 +244,7 @@ def read_adapter(folder):
     with None), each tensor floating point and finite. Errors are one line naming the
     file, the key or tensor, and the format that was found."""
     folder = Path(folder)
-    # a crash between save_adapter's two renames leaves the previous adapter as <folder>.old
+    # a crash between save_adapter's two renames leaves the previous adapter set aside (files.ASIDE_NAME)
     recover_folder(folder, _is_adapter)
     cfg_path, data = _read_config_json(folder)
     if _peft_adapter(folder, cfg_path, data):
@@ -236,7 +256,7 @@ def read_adapter(folder):
         if not p.is_file():
             raise AdapterError(f"not an adapter folder: {p} is missing")
     config = _check_config(cfg_path, data)
-    return config, _read_tensors(w_path)
+    return config, read_float_tensors(w_path, AdapterError, f"{w_path} ({FORMAT})")
 
 
 def _read_config_json(folder):
@@ -285,30 +305,17 @@ def _check_config(cfg_path, data):
         raise AdapterError(str(e)) from None
 
 
-def _read_tensors(w_path):
-    """The adapter's tensors, each floating point and finite, or one line naming the tensor."""
-    try:
-        tensors = load_file(str(w_path))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise AdapterError(f"{w_path} is not a readable safetensors file ({e})") from e
-    for name, array in tensors.items():
-        if not np.issubdtype(array.dtype, np.floating):
-            raise AdapterError(f"{w_path} ({FORMAT}): {name}: expected floating-point values, found {array.dtype}")
-        problem = nonfinite_problem(array)
-        if problem:  # NaN weights would train or classify on silently ("ham nan")
-            raise AdapterError(f"{w_path} ({FORMAT}): {name} {problem}")
-    return tensors
-
-
-def load_adapter(model, folder):
+def load_adapter(model, folder, contents=None):
     """Attach the adapter saved in `folder` to `model` (which must not have LoRA yet),
     replacing the head with the saved one when there is one. Returns the config.
-    A Hugging Face PEFT LoRA folder for GPT-2 is read too (minilora.peft.load_peft_adapter)."""
-    if holds_peft_adapter(folder):
+    A Hugging Face PEFT LoRA folder for GPT-2 is read too (minilora.peft.load_peft_adapter).
+    contents: what read_adapter(folder) returned, for a caller that has read it already
+    (a checkpoint, whose adapter minilora wrote), so the files are not read twice."""
+    if contents is None and holds_peft_adapter(folder):
         from .peft import load_peft_adapter  # here, not at the top: peft imports this module
 
         return load_peft_adapter(model, folder)
-    config, tensors = read_adapter(folder)
+    config, tensors = read_adapter(folder) if contents is None else contents
     if model.lora is not None:
         raise AdapterError("the model already has LoRA adapters; remove_lora(model) first")
     problems = []
@@ -325,7 +332,8 @@ def load_adapter(model, folder):
         problems = _check_tensors(model, config, tensors)
     if problems:
         raise AdapterError(f"adapter {folder} does not fit this model: " + "; ".join(problems))
-    cast = _cast_checked(model, tensors, Path(folder) / WEIGHTS_FILE)
+    source = f"{Path(folder) / WEIGHTS_FILE} ({FORMAT})"
+    cast = {n: cast_finite(n, a, model.dtype, AdapterError, source) for n, a in tensors.items()}
     # everything checked: now change the model
     if num_classes is not None:
         if "out_head.weight" not in model.params:
@@ -338,19 +346,6 @@ def load_adapter(model, folder):
     for n in model.lora.param_names:
         model.params[n][...] = model._to_model(cast[n])
     return config
-
-
-def _cast_checked(model, tensors, w_path):
-    """The tensors cast to the model's dtype on the host, each still finite (a float64
-    adapter's values beyond float32's range would become inf in the cast)."""
-    cast = {}
-    for name, array in tensors.items():
-        with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
-            cast[name] = array.astype(model.dtype, copy=False)
-        problem = nonfinite_problem(cast[name], array)
-        if problem:
-            raise AdapterError(f"{w_path} ({FORMAT}): {name} {problem}")
-    return cast
 
 
 def _check_tensors(model, config, tensors):

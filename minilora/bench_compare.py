@@ -40,7 +40,7 @@ from .adapters import save_adapter
 from .bench import build_step, matmul_floor_fn, matmul_flops, peak_rss, peak_step_memory, time_calls
 from .config import GPTConfig, param_shapes
 from .lora import adapter_sites
-from .weights import save_pretrained, write_checkpoint
+from .weights import save_pretrained
 
 
 @dataclass(frozen=True)
@@ -92,13 +92,13 @@ def rank_formula(model):
 def save_finetune(model, folder):
     """Write what must be kept of a fine-tune, return {file name: bytes}: under LoRA the
     adapter folder (adapters.save_adapter: A, B and the random frozen head); under full
-    fine-tuning the whole model (weights.save_pretrained) and its new head."""
+    fine-tuning the whole model with its new head (weights.save_pretrained writes out_head.*
+    in model.safetensors)."""
     folder = Path(folder)
     if model.lora is not None:
         save_adapter(model, folder)
     else:
         save_pretrained(model, folder)
-        write_checkpoint({n: model.params[n] for n in HEAD}, folder / "head.safetensors")
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
 
 
@@ -207,8 +207,8 @@ def _time_rounds(steps, rows, setups, repeats, floor, log):
     rotating so that no setup always follows the same one; the medians, and the
     per-round ratios' medians (step / floor; full's step / this step)."""
     xp = next(iter(steps.values())).model.xp
-    operands = {}  # shared between the floors: they run one after another
-    floors = {s.name: matmul_floor_fn(steps[s.name], operands) for s in setups} if floor else {}
+    # each floor returns its products' seconds and holds one product's operands at a time
+    floors = {s.name: matmul_floor_fn(steps[s.name]) for s in setups} if floor else {}
     for fn in floors.values():  # warm-up
         fn()
     times = {s.name: [] for s in setups}
@@ -217,7 +217,7 @@ def _time_rounds(steps, rows, setups, repeats, floor, log):
         order = list(setups[k % len(setups):]) + list(setups[:k % len(setups)])
         for s in order:
             step_s = time_calls(steps[s.name], xp, 1, warmup=0)
-            floor_s = time_calls(floors[s.name], xp, 1, warmup=0) if floor else None
+            floor_s = floors[s.name]() if floor else None
             times[s.name].append((step_s, floor_s, steps[s.name].optimizer_seconds))
     full = setups[0].name if setups[0].targets is None else None
     for s in setups:

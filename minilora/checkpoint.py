@@ -20,10 +20,10 @@ that then replaces the old one whole (minilora.files.atomic_folder), so a crash 
 leaves the previous checkpoint intact.
 
 Reading checks everything before the model or the optimizer changes: the manifest (each
-file there with its size and hash, and no other), state.json whole (minilora.schema),
-the moments against the parameters the model will train once the adapter is attached
-(one m and one v each, of its shape, floating point, finite), trained weights alike. The
-first problem is one line naming the file (CheckpointStateError).
+file there with its size and hash, and no other that loading reads), state.json whole
+(minilora.schema), the moments against the parameters the model will train once the
+adapter is attached (one m and one v each, of its shape, floating point, finite), trained
+weights alike. The first problem is one line naming the file (CheckpointStateError).
 """
 
 import json
@@ -91,9 +91,14 @@ _TOKENS = Field("int", least=0, nullable=True, required=False)  # absent from st
 # losses and accuracies: a NaN (an evaluation over no batch) is written as null, which JSON can hold
 _MEASURED = Field("number", nullable=True)
 
+# a step's row; "seconds" (the training wall time at the end of the step) is absent from the
+# rows of checkpoints written before it was recorded (bc371a2): not measured, None (null once
+# such a run is saved again), an empty cell in history.csv
 HISTORY_ROW = Schema("history row", {
     "step": _COUNT, "epoch": Field("int", least=1), "examples_seen": _COUNT, "tokens_seen": _TOKENS,
-    "lr": Field("number", least=0), "batch_loss": _MEASURED, "seconds": Field("number", least=0)})
+    "lr": Field("number", least=0), "batch_loss": _MEASURED,
+    "seconds": Field("number", least=0, nullable=True, required=False),
+}, defaults={"tokens_seen": None, "seconds": None})
 EVAL_ROW = Schema("evaluation row", {
     "step": _COUNT, "epoch": Field("int", least=1), "examples_seen": _COUNT, "tokens_seen": _TOKENS,
     "train_loss": _MEASURED, "val_loss": _MEASURED})
@@ -103,7 +108,8 @@ EPOCH_ROW = Schema("epoch row", {"epoch": Field("int", least=1), "examples_seen"
                    extra="ignore")
 
 # LoopState's fields (a test holds the two equal). All but tokens_seen and task were in
-# the first checkpoints minilora wrote: only those two may be absent.
+# the first checkpoints minilora wrote (27f9966): only those two may be absent. Of the rows,
+# a history row's seconds may be absent too (HISTORY_ROW), and tokens_seen of every row.
 LOOP_SCHEMA = Schema("loop state", {
     "epoch": _COUNT, "batch": _COUNT, "step": _COUNT, "examples_seen": _COUNT, "tokens_seen": _TOKENS,
     "task": Field("str", required=False),
@@ -241,7 +247,8 @@ def has_checkpoint(folder):
     CheckpointStateError naming the first damaged file. A damaged checkpoint must not
     pass for none: --resume would then start afresh and replace it."""
     folder = Path(folder)
-    # a crash between atomic_folder's two renames leaves the previous checkpoint as <folder>.old
+    # a crash between atomic_folder's two renames leaves the previous checkpoint set aside
+    # (.<name>.<random>.old; <name>.old from older versions): put it back
     if not recover_folder(folder, _looks_like_checkpoint):
         if folder.exists():  # something is there, and minilora did not write it as a checkpoint
             raise CheckpointStateError(f"{folder} is not a checkpoint folder (no {MANIFEST_FILE} or {STATE_FILE} "
@@ -268,10 +275,26 @@ def _sha256_once(path):
     return _verified[key]
 
 
+def _read_on_resume(relative):
+    """Whether loading a checkpoint reads the file at `relative` (a path inside the
+    checkpoint folder), or would read it were it there: state.json, the optimizer's moments,
+    trained weights (whose presence alone switches to the full fine-tuning path), and the
+    adapter's files, which read_adapter chooses among by name (its config, an older
+    minilora's, PEFT's). Anything else (Finder's .DS_Store, Explorer's Thumbs.db) is never
+    read; it goes with the folder when the next checkpoint replaces it whole."""
+    parts = relative.parts
+    if len(parts) == 1:
+        return parts[0] in (STATE_FILE, OPTIMIZER_FILE, TRAINED_FILE)
+    # in adapter/ only files read by name are read: a hidden one (.DS_Store) never is
+    return parts[0] == ADAPTER_DIR and len(parts) == 2 and not parts[1].startswith(".")
+
+
 def _verify_manifest(folder):
     """CheckpointStateError naming the first file of `folder` that is not as manifest.json
-    lists it: missing, of another size (truncated), another content (altered), or a file
-    the manifest does not list. Sizes first (no reading), then the hashes."""
+    lists it: missing, of another size (truncated), another content (altered), or one the
+    manifest does not list that loading would read (_read_on_resume); a file loading never
+    reads (Finder's .DS_Store) is no part of the checkpoint and is left alone. Sizes first
+    (no reading), then the hashes."""
     manifest = _read_checked(folder / MANIFEST_FILE, MANIFEST_SCHEMA)
     for entry in manifest["files"]:
         path = folder / entry["path"]
@@ -281,8 +304,9 @@ def _verify_manifest(folder):
         if size != entry["size"]:
             raise CheckpointStateError(f"{path}: {size:,} bytes, the manifest says {entry['size']:,}: "
                                        f"the checkpoint is damaged")
-    listed = {e["path"] for e in manifest["files"]} | {MANIFEST_FILE}
-    unlisted = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in listed)
+    listed = {e["path"] for e in manifest["files"]}
+    unlisted = sorted(p for p in folder.rglob("*") if p.is_file() and _read_on_resume(p.relative_to(folder))
+                      and p.relative_to(folder).as_posix() not in listed)
     if unlisted:
         raise CheckpointStateError(f"{unlisted[0]}: not in the manifest (minilora did not write it there): "
                                    f"the checkpoint is damaged")
@@ -313,8 +337,8 @@ def load_checkpoint(folder, model, opt):
     else:
         # the parameters the model will train once the adapter is attached: the adapter's
         # lora_A / lora_B (load_adapter refuses an adapter that does not fit the model)
-        _, tensors = read_adapter(folder / ADAPTER_DIR)
-        shapes = {n: a.shape for n, a in tensors.items() if n.endswith((".lora_A", ".lora_B"))}
+        adapter = read_adapter(folder / ADAPTER_DIR)
+        shapes = {n: a.shape for n, a in adapter[1].items() if n.endswith((".lora_A", ".lora_B"))}
     moments = _read_moments(folder / OPTIMIZER_FILE, shapes, meta["optimizer"]["step"])
     generator = _checked_generator(model, meta["dropout_rng"], folder / STATE_FILE)
     # everything is checked: now the model, the optimizer and the generator change
@@ -322,7 +346,7 @@ def load_checkpoint(folder, model, opt):
         for name, array in trained.items():
             model.params[name][...] = model.xp.asarray(array)  # in place: the optimizer holds no copies
     else:
-        load_adapter(model, folder / ADAPTER_DIR)
+        load_adapter(model, folder / ADAPTER_DIR, contents=adapter)
     opt.load_state_dict({**meta["optimizer"], **moments})
     model._dropout_rng.bit_generator.state = generator
     return LoopState(**meta["loop"])

@@ -12,40 +12,34 @@ Two ways out:
   says ``"tie_word_embeddings": false``. A classifier's head is written as
   ``out_head.weight`` (C, n) / ``out_head.bias`` (n) with a note in config.json
   ("minilora": how to read it); transformers' GPT2LMHeadModel loads the trunk and
-  ignores the head.
+  ignores the head. The files are written by weights.write_hub_folder, which
+  weights.save_pretrained uses too: one writer of the layout GPTModel.from_pretrained reads.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from .adapters import check_replaceable
 from .backend import to_numpy
 from .config import param_shapes
 from .files import atomic_folder
-from .peft import CLASSIFIER_REFUSAL, PeftError, base_model_name, check_replaceable, export_peft
-from .weights import CONFIG_NAME, WEIGHTS_NAME, config_to_hf, write_checkpoint
-
-HEAD_NOTE = ("out_head.weight (emb_dim, num_classes) and out_head.bias (num_classes) are the classifier head "
-             "of the book's appendix E: logits = x @ out_head.weight + out_head.bias, x the final layer norm's "
-             "output at the position `pool` says ('last': the last position, pads included; 'last_real': the "
-             "last real token). transformers' GPT2LMHeadModel does not read them; "
-             "minilora.GPTModel.from_pretrained(folder) does.")
+from .peft import CLASSIFIER_REFUSAL, PeftError, base_model_name, export_peft
+from .weights import CONFIG_NAME, HEAD_TENSORS, WEIGHTS_NAME, write_hub_folder
 
 
 def merged_params(model):
-    """name -> host array of the model with every active adapter folded in, in the Hub's
-    layout (plus lm_head.weight (V, C) where the head carries an adapter, and out_head.*
-    for a classifier). The model itself is not changed: the sums are made on copies, in
-    float64, and cast back to the model's dtype once (one rounding per weight)."""
+    """name -> host array of the model with every active adapter folded in, in minilora's
+    names and layout (plus lm_head.weight (C, V) where the head carries an adapter or has
+    a weight of its own, and out_head.* for a classifier): what write_hub_folder writes.
+    The model itself is not changed: the sums are made on copies, in float64, and cast
+    back to the model's dtype once (one rounding per weight)."""
     p = model.params
-    names = list(param_shapes(model.cfg)) + [n for n in ("out_head.weight", "out_head.bias") if n in p]
-    out = {n: to_numpy(p[n]) for n in names}
+    names = list(param_shapes(model.cfg)) + [n for n in HEAD_TENSORS if n in p]
+    out = {n: to_numpy(p[n]) for n in names}  # lm_head.weight: already untied (merged in place, or its own)
     state = model.lora
-    if "lm_head.weight" in p:  # already untied: merged in place, or a checkpoint with a head of its own
-        out["lm_head.weight"] = to_numpy(p["lm_head.weight"])
     if state is None or state.merged or not state.enabled:
-        return _hub_head(out, model.dtype)
+        return out
     for ad in state.adapters:
         delta = ad.scale * (to_numpy(p[ad.prefix + ".lora_A"]).astype(np.float64)
                             @ to_numpy(p[ad.prefix + ".lora_B"]).astype(np.float64))  # [in, cols]
@@ -55,41 +49,20 @@ def merged_params(model):
         w = out[name].astype(np.float64)  # a fresh copy: the model's arrays are never written
         w[:, ad.cols] += delta
         out[name] = w.astype(model.dtype)
-    return _hub_head(out, model.dtype)
-
-
-def _hub_head(params, dtype):
-    """lm_head.weight as nn.Linear stores it in a Hugging Face file: (V, C), minilora's (C, V)^T."""
-    if "lm_head.weight" in params:
-        params["lm_head.weight"] = np.ascontiguousarray(params["lm_head.weight"].T, dtype=dtype)
-    return params
-
-
-def merged_config(model, params, settings=None):
-    """config.json of the merged folder with these `params` (merged_params'): config_to_hf's,
-    untied where the head has a weight of its own, and for a classifier a "minilora" note
-    saying how to read its head (`settings`: the adapter's class_names, pool, pad,
-    max_length, when known)."""
-    config = config_to_hf(model.cfg)
-    if "lm_head.weight" in params:  # else transformers ties the head to wte, as GPT-2's own files say
-        config["tie_word_embeddings"] = False
-    if "out_head.weight" in model.params:
-        config["minilora"] = {"head": "out_head", "num_classes": model.n_out, "note": HEAD_NOTE,
-                              **{k: v for k, v in (settings or {}).items() if v is not None}}
-    return config
+    return out
 
 
 def export_merged(model, folder, settings=None):
     """Write the model with its adapters folded in as a Hugging Face GPT-2 folder
-    (model.safetensors + config.json), atomically: the folder is replaced whole, so it
-    must be new or hold such a checkpoint alone. The model is not changed. Returns the folder."""
+    (model.safetensors + config.json, by weights.write_hub_folder, the writer of
+    save_pretrained too), atomically: the folder is replaced whole, so it must be new or
+    hold such a checkpoint alone. `settings`: the adapter's class_names, pool, pad and
+    max_length, for a classifier's note. The model is not changed. Returns the folder."""
     folder = Path(folder)
-    check_replaceable(folder, (WEIGHTS_NAME, CONFIG_NAME), "a checkpoint")
+    check_replaceable(folder, (WEIGHTS_NAME, CONFIG_NAME), "a checkpoint", PeftError)
     params = merged_params(model)
-    config = merged_config(model, params, settings)
     with atomic_folder(folder) as tmp:
-        write_checkpoint(params, tmp / WEIGHTS_NAME)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        write_hub_folder(tmp, params, model.cfg, settings)
     return folder
 
 
@@ -122,13 +95,14 @@ def add_export_parser(sub):
 
 def cmd_export(args):
     from .adapters import load_adapter, read_adapter
+    from .cli import read_base_model
     from .model import GPTModel
 
     config, _ = read_adapter(args.adapter)
     if not args.merged and config.get("num_classes") is not None:  # before loading the base model
         raise PeftError(f"{args.adapter}: {CLASSIFIER_REFUSAL}")
-    name = args.model or config.get("base_model") or "gpt2-small"
-    model = GPTModel.from_pretrained(name, dtype=args.dtype, offline=args.offline or None)
+    model = read_base_model(args, config, lambda name: GPTModel.from_pretrained(
+        name, dtype=args.dtype, offline=args.offline or None))
     load_adapter(model, args.adapter)
     if args.merged:
         settings = {k: config.get(k) for k in ("class_names", "pool", "pad", "max_length")}

@@ -10,15 +10,19 @@ Windows, so a reader sees the old file or the new one, never half of one.
 On any failure (an exception, Ctrl-C) the temporary is removed. A writer killed
 outright (kill -9, the out-of-memory killer, a power cut) cannot remove it: the next
 writer that knows itself the folder's only one does (`clean_stale_temporaries`: a
-checkpoint's own, a held run folder). An OSError from
-the file system (no space left, a read-only disk, a file where a folder should be,
-no permission) becomes a `WriteError`: one line naming the path, which the command
-line prints as is, with the option that chose the path.
+checkpoint's own, a held run folder). Replacing a folder sets the previous one aside
+under a name of the same kind (``.<name>.<random>.old``) until the new one is in
+place, so minilora never removes a name a user could have chosen (``exp.old``).
+
+An OSError from the file system (no space left, a read-only disk, a file where a
+folder should be, no permission) becomes a `WriteError`: one line naming the path,
+which the command line prints as is, with the option that chose the path.
 """
 
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -52,6 +56,9 @@ class WriteError(MiniloraError, RuntimeError):
 # The name of a temporary: "." + the destination's name + "." + tempfile's 8 random
 # characters + ".part" (what _temporary makes).
 TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.part")
+# The name a folder being replaced is set aside under (what _aside makes): the same shape,
+# ending in ".old". Only minilora makes such a name, so only these are ever removed or put back.
+ASIDE_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.old")
 
 # The temporaries this process has made and not yet renamed or removed (real paths): the
 # ones clean_stale_temporaries must leave alone.
@@ -79,10 +86,47 @@ def _done_with(tmp):
         _live_temporaries.discard(os.path.realpath(tmp))
 
 
+def _aside(folder):
+    """A free name beside `folder` to set it aside under while its replacement moves in
+    (``.<name>.<8 random hex digits>.old``), counted as this process's temporary."""
+    while True:
+        old = folder.with_name(f".{folder.name}.{secrets.token_hex(4)}.old")
+        if not os.path.lexists(old):
+            _live_temporaries.add(os.path.realpath(old))
+            return old
+
+
+def _asides_of(folder):
+    """The copies of `folder` set aside beside it that no write of this process is using:
+    left by a write killed between atomic_folder's renames, or before it removed the copy."""
+    try:
+        entries = list(folder.parent.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if (m := ASIDE_NAME.fullmatch(p.name)) and m["name"] == folder.name
+            and os.path.realpath(p) not in _live_temporaries]
+
+
+def _remove(path):
+    """Remove a file or a folder (not what a link points at); False when it cannot be."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError:
+        return False
+    return True
+
+
 def clean_stale_temporaries(folder, names=None):
     """Remove the temporaries (``.<name>.<random>.part``) that killed writers left in
-    `folder` (not in its subfolders); returns the paths removed. names: only those of
-    these destinations (e.g. ["checkpoint"]); None: every one.
+    `folder` (not in its subfolders), and the previous copies they set aside
+    (``.<name>.<random>.old``) whose folder is back in place; returns the paths removed.
+    names: only those of these destinations (e.g. ["checkpoint"]); None: every one.
+
+    An aside whose folder is missing is kept: it is the folder's only copy (a kill between
+    atomic_folder's two renames), which `recover_folder` puts back.
 
     Nothing in a temporary tells a dead writer's from a live one's: its age does not (a
     long download started before this process is still being written), nor its owner's
@@ -101,18 +145,15 @@ def clean_stale_temporaries(folder, names=None):
         return removed
     for path in entries:
         match = TEMPORARY_NAME.fullmatch(path.name)
+        aside = ASIDE_NAME.fullmatch(path.name)
+        if aside and os.path.lexists(path.with_name(aside["name"])):
+            match = aside
         if not match or (names is not None and match["name"] not in names):
             continue
         if os.path.realpath(path) in _live_temporaries:  # this process is writing it
             continue
-        try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        except OSError:
-            continue
-        removed.append(path)
+        if _remove(path):
+            removed.append(path)
     return removed
 
 
@@ -151,27 +192,30 @@ def atomic_folder(folder):
     """Yield an empty temporary folder beside `folder`; when the block ends without an
     error it takes the place of `folder` (replacing a previous one).
 
-    Two renames are needed to replace a folder: the previous one first becomes
-    ``<folder>.old`` and is deleted once the new one is in place. A crash between the
-    two leaves ``<folder>.old`` complete; `recover_folder` puts it back.
+    Two renames are needed to replace a folder: the previous one is first set aside under
+    a new name of minilora's own (``.<name>.<random>.old``, never a name a user could have
+    given a folder of theirs), then deleted once the new one is in place, with any copy an
+    earlier, killed write set aside: the new folder supersedes them. A crash between the
+    two renames leaves the aside complete; `recover_folder` puts it back.
     """
     folder = Path(folder)
-    old = folder.with_name(folder.name + ".old")
-    tmp = None
+    tmp = old = None
     try:
         tmp = _temporary(folder, folder=True)
         yield tmp
         if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            old = _aside(folder)
             os.replace(folder, old)
         os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        for superseded in ([old] if old else []) + _asides_of(folder):
+            _remove(superseded)
     except (*WRITE_FAILURES, WriteError) as exc:  # name the folder, not a file inside its temporary
         raise WriteError(folder, exc) from exc
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # already renamed unless something failed
         _done_with(tmp)
+        _done_with(old)
 
 
 def file_sha256(path):
@@ -184,12 +228,25 @@ def file_sha256(path):
 
 
 def recover_folder(folder, complete):
-    """Put `<folder>.old` back when a crash in `atomic_folder` left no `folder`.
-    `complete(path)` says whether a folder holds a whole copy."""
+    """Put back the copy of `folder` that a crash between atomic_folder's two renames set
+    aside, when `folder` is not whole; returns whether `folder` is whole now.
+    `complete(path)` says whether a folder holds a whole copy.
+
+    The aside is ``.<name>.<random>.old`` (the newest whole one, should there be several).
+    ``<folder>.old`` is where minilora versions before those names set a folder aside: it
+    is put back only when no `folder` exists at all and it holds a whole copy, which is
+    what a crash of such a version left; a user's ``exp.old`` that is not a whole copy of
+    what is read, or beside an ``exp``, is never touched.
+    """
     folder = Path(folder)
-    old = folder.with_name(folder.name + ".old")
-    if not complete(folder) and complete(old):
+    if complete(folder):
+        return True
+    whole = [p for p in _asides_of(folder) if complete(p)]
+    legacy = folder.with_name(folder.name + ".old")
+    if not whole and not os.path.lexists(folder) and legacy.is_dir() and complete(legacy):
+        whole = [legacy]
+    if whole:
         if folder.exists():
             shutil.rmtree(folder)
-        os.replace(old, folder)
+        os.replace(max(whole, key=lambda p: p.stat().st_mtime_ns), folder)
     return complete(folder)

@@ -31,7 +31,7 @@ from .model import GPTModel
 from .run_folder import hold_run_folder
 from .tasks import POOLS, ClassificationTask, evaluate
 from .train import CHECKPOINT_DIR, JobOptions, run_seconds, start_training, train, write_run_record
-from .weights import read_config
+from .weights import read_config, read_heads
 
 # The book's two published recipes: the current notebook (default) and the print edition.
 RECIPES = {
@@ -59,7 +59,7 @@ class FinetuneOptions(JobOptions):
     pool: str = "last"  # "last" (the book) or "last_real"
 
     RESUME_KEYS = JobOptions.RESUME_KEYS + ("data", "pad", "batching", "pool")
-    RESUME_DEFAULTS = {"batching": "shuffled"}
+    RESUME_DEFAULTS = {"batching": "shuffled", "max_length": None}  # what folders written before each option existed ran with
     CHOICES = {**JobOptions.CHOICES, "recipe": tuple(RECIPES), "pad": PAD_MODES + (None,), "pool": POOLS,
                "batching": BATCHINGS}
 
@@ -81,7 +81,15 @@ class FinetuneOptions(JobOptions):
 def _check_targets(opts, model_cfg):
     """Refuse a --targets that names no layer of the model, from its config alone: the
     model is not built yet. The classifier head (out_head) is added once the data names
-    its classes; its width does not change the names, so 0 stands in for it here."""
+    its classes; its width does not change the names, so 0 stands in for it here.
+
+    A model that is a classifier already (out_head.* in its checkpoint: a merged minilora
+    classifier) is refused from its header: build_model's new head would replace its head
+    silently, and an adapter trained on other classes would not load back onto it."""
+    if "out_head.weight" in read_heads(opts.model, offline=opts.offline):
+        raise OptionError(f"--model {opts.model}: a classifier already (its head is out_head.*, e.g. a merged "
+                          f"minilora classifier): finetune puts a new head on a language model; fine-tune the "
+                          f"model it was fine-tuned from, or --resume its run")
     try:
         select_targets(config_sites(model_cfg, head_outputs=0), model_cfg.n_layers, opts.targets)
     except ValueError as e:
@@ -146,18 +154,20 @@ def run_finetune(opts, log=print, progress=None):
     # the data before the run folder: a bad file leaves no run folder behind, and --resume
     # compares the data's file and class names with the run's before anything is written
     data, loaders = load_data(opts, model_cfg.context_length, log)
-    with hold_run_folder(out, opts, log, "minilora finetune", data.source, data.class_names) as resume:
-        return _train_in_run_folder(opts, data, loaders, resume, t0, log, progress)
+    with hold_run_folder(out, opts, log, "minilora finetune", data.source, data.class_names) as run:
+        return _train_in_run_folder(opts, data, loaders, run, t0, log, progress)
 
 
-def _train_in_run_folder(opts, data, loaders, resume, t0, log, progress):
-    """run_finetune's long part, while it holds the run folder: the model, training, the
-    final accuracies, the adapter and the run record; returns the metrics."""
+def _train_in_run_folder(opts, data, loaders, run, t0, log, progress):
+    """run_finetune's long part, while it holds the run folder (`run`: what
+    minilora.run_folder prepared): the model, training, the final accuracies, the adapter
+    and the run record; returns the metrics."""
     out = Path(opts.output_dir)
     ckpt = out / CHECKPOINT_DIR
     train_loader, val_loader, test_loader = loaders
     model = build_model(opts, data.num_classes, log)
-    opt, state = start_training(model, opts, ckpt, resume, log)
+    opt, state = start_training(model, opts, ckpt, run.resume, log)
+    run.commit(log)  # the checkpoint has loaded: only now does run_config.json take a new --epochs
     task = ClassificationTask(opts.pool)
     state = train(model, opt, task, train_loader, val_loader, opts.train_config(), checkpoint_dir=ckpt,
                   state=state, log=log, progress=progress,
@@ -179,7 +189,7 @@ def _train_in_run_folder(opts, data, loaders, resume, t0, log, progress):
         "examples_seen": state.examples_seen, "classes": list(data.class_names),
         "truncated_texts": data.truncated,
         "final_train_loss": state.history[-1]["batch_loss"] if state.history else None,
-        "options": asdict(opts), "device": model.device, "resumed": resume,
+        "options": asdict(opts), "device": model.device, "resumed": run.resume,
     }
     save_adapter(model, out / "adapter", base_model=model_reference(opts.model), class_names=data.class_names,
                  max_length=data.max_length, pool=opts.pool, pad=opts.pad, batching=opts.batching)

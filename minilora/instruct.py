@@ -53,7 +53,7 @@ from .model import GPTModel
 from .run_folder import hold_run_folder
 from .tokenizer import END_OF_TEXT_ID, encode_text, get_tokenizer
 from .train import CHECKPOINT_DIR, JobOptions, run_seconds, start_training, train, write_run_record
-from .weights import read_config, save_pretrained
+from .weights import read_config, read_heads, save_pretrained
 
 ANSWER_MAX_NEW_TOKENS = 256  # the book's answers to the test set (chapter 7, section 7.7)
 SAMPLE_MAX_NEW_TOKENS = 50  # the book's generate_and_print_sample after each epoch
@@ -139,12 +139,23 @@ def answer(model, tokenizer, entry, max_new_tokens=ANSWER_MAX_NEW_TOKENS):
 
 
 def _check_model_options(opts, model_cfg):
-    """Refuse, from the model's config alone, a --rank, --targets or --max-length the
-    model cannot take."""
+    """Refuse, from the model's config and header alone, a --rank, --targets or
+    --max-length the model cannot take, and a model this job cannot train: a classifier
+    (its head answers classes, not tokens), or with --full a language model whose LM head
+    is a weight of its own (minilora trains wte only as the tied head)."""
     if opts.max_length > model_cfg.context_length:
         raise OptionError(f"--max-length {opts.max_length} is longer than the context length of {opts.model} "
                           f"({model_cfg.context_length} tokens); use --max-length {model_cfg.context_length} "
                           f"or less")
+    heads = read_heads(opts.model, offline=opts.offline)
+    if "out_head.weight" in heads:
+        raise OptionError(f"--model {opts.model}: a classifier (its head is out_head.*, e.g. a merged minilora "
+                          f"classifier), not a language model: instruct trains the LM head; use the language "
+                          f"model it was fine-tuned from")
+    if opts.full and "lm_head.weight" in heads:
+        raise OptionError(f"--model {opts.model}: its config.json says tie_word_embeddings false (the model reads "
+                          f"its LM head from lm_head.weight, e.g. a merged export), and minilora trains wte only "
+                          f"as the tied head: leave out --full to train LoRA adapters on it")
     if opts.full:
         return
     if opts.rank > model_cfg.emb_dim:
@@ -207,18 +218,20 @@ def run_instruct(opts, log=print, progress=None):
     tokenizer = get_tokenizer(offline=opts.offline, progress=progress)
     # the data before the run folder: a bad file leaves no run folder behind
     data, loaders = load_data(opts, tokenizer, log)
-    with hold_run_folder(out, opts, log, "minilora instruct", data.source) as resume:
-        return _train_in_run_folder(opts, tokenizer, data, loaders, resume, log, progress)
+    with hold_run_folder(out, opts, log, "minilora instruct", data.source) as run:
+        return _train_in_run_folder(opts, tokenizer, data, loaders, run, log, progress)
 
 
-def _train_in_run_folder(opts, tokenizer, data, loaders, resume, log, progress):
-    """run_instruct's long part, while it holds the run folder: the model, training, the
-    final losses, the answers, the adapter (or model) and the run record; returns the metrics."""
+def _train_in_run_folder(opts, tokenizer, data, loaders, run, log, progress):
+    """run_instruct's long part, while it holds the run folder (`run`: what
+    minilora.run_folder prepared): the model, training, the final losses, the answers, the
+    adapter (or model) and the run record; returns the metrics."""
     out = Path(opts.output_dir)
     ckpt = out / CHECKPOINT_DIR
     t0 = time.perf_counter()
     model = build_model(opts, log)
-    opt, state = start_training(model, opts, ckpt, resume, log, full=opts.full)
+    opt, state = start_training(model, opts, ckpt, run.resume, log, full=opts.full)
+    run.commit(log)  # the checkpoint has loaded: only now does run_config.json take a new --epochs
     task = InstructionTask(tokenizer, format_input(data.val.entries[0]))
     train_loader, val_loader, test_loader = loaders
     state = train(model, opt, task, train_loader, val_loader, opts.train_config(), checkpoint_dir=ckpt,
@@ -240,7 +253,7 @@ def _train_in_run_folder(opts, tokenizer, data, loaders, resume, log, progress):
         # loop's wall time includes its evaluations, so this is what a run delivers, not a step's rate
         "tokens_per_second": state.tokens_seen / state.seconds if state.tokens_seen and state.seconds else None,
         "truncated_texts": data.count_longer_than(opts.max_length),
-        "options": asdict(opts), "device": model.device, "resumed": resume,
+        "options": asdict(opts), "device": model.device, "resumed": run.resume,
     }
     if opts.full:
         save_pretrained(model, out / "model")

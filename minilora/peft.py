@@ -26,8 +26,12 @@ GPT-2's modules (as GPT2LMHeadModel names them) and minilora's sites:
 
 Export writes use_rslora false and, per module, lora_alpha = s * r (rank_pattern /
 alpha_pattern where a module differs from the common r and lora_alpha): PEFT's s is then
-the trained s, whatever minilora scaling it was trained with. GPT-2's Conv1D makes PEFT
-set fan_in_fan_out itself; it changes how PEFT merges, not what lora_A / lora_B hold.
+the trained s, whatever minilora scaling it was trained with. fan_in_fan_out (PEFT's one
+flag for "the base weight is stored (in, out)") changes how PEFT merges, not what lora_A /
+lora_B hold: GPT-2's Conv1D layers are (in, out), lm_head (nn.Linear) is not, and PEFT
+corrects the flag for each module it wraps, in module order, warning each time it flips
+it. Export writes true where a Conv1D is targeted (no warning for those; lm_head beside
+them gets the one no value avoids) and false for lm_head alone (no warning).
 
 A classifier's adapter has no exact PEFT form: GPT2ForSequenceClassification's score
 head has no bias and reads the last non-pad token, the book's head has a bias and reads
@@ -41,12 +45,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapters import AdapterError
+from .adapters import AdapterError, below_one, check_replaceable, json_ready
 from .backend import to_numpy
 from .config import PRESET_ALIASES
 from .files import atomic_folder
 from .lora import apply_lora
 from .schema import Field, FileCheckError, Schema, read_json
+from .tensors import cast_finite, read_float_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -87,7 +92,7 @@ def export_peft(model, folder, base_model=None):
     alone. Nothing is written when the model cannot be exported. Returns the folder."""
     tensors, config = peft_contents(model, base_model)
     folder = Path(folder)
-    check_replaceable(folder, (CONFIG_FILE, WEIGHTS_FILE, MODEL_CARD), "a PEFT adapter")
+    check_replaceable(folder, (CONFIG_FILE, WEIGHTS_FILE, MODEL_CARD), "a PEFT adapter", PeftError)
     with atomic_folder(folder) as tmp:
         _write_peft_files(tmp, tensors, config)
     return folder
@@ -119,12 +124,11 @@ def peft_contents(model, base_model=None):
         "rank_pattern": _pattern(modules, "r", r, model.cfg.n_layers),
         "alpha_pattern": _pattern(modules, "alpha", alpha, model.cfg.n_layers),
         "use_rslora": False, "lora_dropout": state.dropout,
-        # GPT-2's Conv1D layers are (in, out): PEFT sets this itself for them, and back to false for lm_head
-        "fan_in_fan_out": True,
+        "fan_in_fan_out": any(m["name"] != "lm_head" for m in modules),  # a Conv1D targeted (docstring)
         "bias": "none", "modules_to_save": None, "init_lora_weights": True, "use_dora": False,
         "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
     }
-    return tensors, config
+    return tensors, json_ready(config)
 
 
 def _peft_module(model, linear, adapters):
@@ -200,13 +204,17 @@ def _pattern(modules, key, common, n_layers):
 
 
 def base_model_name(model):
-    """The Hugging Face repository of the model's preset, else the name it was loaded from."""
+    """The Hugging Face repository of the model's preset, else the name it was loaded
+    from, a path made absolute (finetune.model_reference, as minilora's adapters record
+    it) so that the folder names its base model from wherever it is read."""
+    from .finetune import model_reference  # here: finetune brings the training modules (and pandas) with it
     from .weights import HF_REPOS
 
     name = model.name
     if name is None:
         return None
-    return HF_REPOS.get(PRESET_ALIASES.get(name, name), name)
+    preset = PRESET_ALIASES.get(name, name)
+    return HF_REPOS[preset] if preset in HF_REPOS else model_reference(name)
 
 
 def _preset_of(name):
@@ -219,18 +227,6 @@ def _preset_of(name):
     return repo_preset.get(name, name)
 
 
-def check_replaceable(folder, ours, what):
-    """atomic_folder replaces `folder` whole: refuse a file, or a folder holding other files."""
-    if folder.exists() and not folder.is_dir():
-        raise PeftError(f"{folder} is a file, not a folder: {what} is a folder; write it to another path")
-    if folder.is_dir():
-        others = sorted(p.name for p in folder.iterdir() if p.name not in ours)
-        if others:
-            raise PeftError(f"{folder} holds other files than {what} ({', '.join(others[:3])}"
-                            f"{', ...' if len(others) > 3 else ''}); writing replaces the folder whole: "
-                            f"write it to a folder of its own")
-
-
 def _write_peft_files(folder, tensors, config):
     from safetensors.numpy import save_file
 
@@ -240,7 +236,67 @@ def _write_peft_files(folder, tensors, config):
 
 # ---------------------------------------------------------------------------- import
 
-# adapter_config.json as far as minilora reads it; PEFT writes dozens of keys more (extra="ignore")
+def _pattern_key_regex(key):
+    """PEFT's get_pattern_key: a rank_pattern / alpha_pattern key is a regular expression
+    matched against the end of a module's name."""
+    return rf"(.*\.)?({key})$"
+
+
+def _layers_regex(pattern):
+    """PEFT's check_target_module_exists: a layers_pattern name, then the block's index."""
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
+
+
+def _regex_problem(text):
+    """None when Python's re reads `text`, else why not (without the position, which
+    counts from the start of the regular expression PEFT wraps the user's text in)."""
+    try:
+        re.compile(text)
+    except re.error as e:
+        return f"not a regular expression Python reads ({e.msg})"
+    return None
+
+
+def _one_or_list(key, item):
+    """A relation: d[key] is null, one value that fits `item` (a Field) or a list of such
+    values, as PEFT's Optional[Union[str, list[str]]] (or int, list[int]) fields hold."""
+    def relation(d):
+        value = d[key]
+        if value is not None and any(item.problem(v) for v in (value if isinstance(value, list) else [value])):
+            return key, f"expected {item.expected()} or a list of them, or null; found {_short(value)}"
+        return None
+    return relation
+
+
+def _patterns_fit(key, value):
+    """A relation: d[key] (rank_pattern or alpha_pattern) is null or maps regular
+    expressions (_pattern_key_regex) to values that fit `value` (a Field)."""
+    def relation(d):
+        for pattern, v in (d[key] or {}).items():
+            problem = value.problem(v) or _regex_problem(_pattern_key_regex(pattern))
+            if problem:
+                return f"{key}.{pattern}", problem
+        return None
+    return relation
+
+
+def _regexes_compile(d):
+    """target_modules and exclude_modules given as one string are regular expressions
+    (PEFT re.fullmatch-es them), and every layers_pattern goes into one (_layers_regex)."""
+    for key in ("target_modules", "exclude_modules"):
+        problem = _regex_problem(d[key]) if isinstance(d[key], str) else None
+        if problem:
+            return key, problem
+    patterns = d["layers_pattern"]
+    for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
+        problem = _regex_problem(_layers_regex(pattern))
+        if problem:
+            return "layers_pattern", problem
+    return None
+
+
+# adapter_config.json as far as minilora reads it; PEFT writes dozens of keys more
+# (extra="ignore"). PEFT's union types (a name or a list of names) are checked by relations.
 PEFT_CONFIG_SCHEMA = Schema("PEFT adapter config", {
     "peft_type": Field("str", choices=("LORA",)),
     "r": Field("int", least=1),
@@ -258,8 +314,11 @@ PEFT_CONFIG_SCHEMA = Schema("PEFT adapter config", {
     "task_type": Field("str", required=False, nullable=True),
     "base_model_name_or_path": Field("str", required=False, nullable=True),
     "init_lora_weights": Field("any", required=False, nullable=True),
-}, relations=(lambda d: ("lora_dropout", f"expected a number in [0, 1), found {d['lora_dropout']}")
-              if d["lora_dropout"] >= 1 else None,),
+}, relations=(below_one("lora_dropout"), _patterns_fit("rank_pattern", Field("int", least=1)),
+              _patterns_fit("alpha_pattern", Field("number", above=0)),
+              _one_or_list("target_modules", Field("str")), _one_or_list("exclude_modules", Field("str")),
+              _one_or_list("layers_to_transform", Field("int", least=0)),
+              _one_or_list("layers_pattern", Field("str")), _regexes_compile),
     extra="ignore",
     defaults={"lora_dropout": 0.0, "use_rslora": False, "bias": "none", "init_lora_weights": True})
 
@@ -312,7 +371,7 @@ def load_peft_adapter(model, folder):
                         f"classifier head (replace_head)")
     config, tensors, copies = _read(folder, model.cfg)
     _check_embedding_copies(model, copies, folder / WEIGHTS_FILE)
-    tensors = _cast_finite(tensors, model.dtype, folder / WEIGHTS_FILE)
+    tensors = {n: cast_finite(n, t, model.dtype, PeftError, folder / WEIGHTS_FILE) for n, t in tensors.items()}
     try:
         apply_lora(model, rank=config["rank"], alpha=config["alpha"], scaling=config["scaling"],
                    targets=config["targets"], dropout=config["dropout"], ranks=config.get("ranks"),
@@ -339,7 +398,7 @@ def _read(folder, model_cfg):
     except FileCheckError as e:  # one error class for every way a PEFT folder is refused
         raise PeftError(str(e)) from None
     _refuse_what_is_not_plain_lora(cfg, cfg_path)
-    raw = _load_tensors(w_path)
+    raw = read_float_tensors(w_path, PeftError)
     n_layers = model_cfg.n_layers if model_cfg is not None else _blocks_named(raw)
     modules = _targeted_modules(cfg, n_layers, cfg_path)
     lora, copies = _split_tensors(raw, modules, w_path, cfg_path)
@@ -390,23 +449,6 @@ def _short(value, limit=40):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _load_tensors(path):
-    """name -> NumPy array of a safetensors file, every one floating point and finite."""
-    from safetensors.numpy import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types (and TypeError for bfloat16)
-        raise PeftError(f"{path} is not a safetensors file NumPy can read ({e}); bfloat16 tensors must be "
-                        f"converted to float32 first") from e
-    for name, t in tensors.items():
-        if t.dtype.kind != "f":
-            raise PeftError(f"{path}: {name} is {t.dtype}, expected floating point")
-        if not np.isfinite(t).all():
-            raise PeftError(f"{path}: {name} holds NaN or infinity")
-    return tensors
-
-
 def _blocks_named(raw):
     """The number of blocks the tensors' names reach (1 + the highest index)."""
     found = [int(m.group(1)) for n in raw if (m := re.match(rf"{re.escape(PREFIX)}transformer\.h\.(\d+)\.", n))]
@@ -433,14 +475,8 @@ def _targeted_modules(cfg, n_layers, path):
         targets = ["c_attn"]  # PEFT's default for model_type gpt2 (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
     elif isinstance(targets, str) and targets.lower() == "all-linear":
         targets = list(BLOCK_KINDS)  # every Conv1D; PEFT leaves the output layer (lm_head) out
-    if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        raise PeftError(f"{path}: target_modules: expected a list of names or a regular expression, "
-                        f"found {_short(targets)}")
-    try:
-        matched = [m for m in _gpt2_module_names(n_layers) if _peft_targets(cfg, targets, m)]
-    except re.error as e:
-        raise PeftError(f"{path}: target_modules (or exclude_modules) is not a regular expression Python "
-                        f"reads ({e})") from e
+    # PEFT_CONFIG_SCHEMA checked the types and that every regular expression compiles
+    matched = [m for m in _gpt2_module_names(n_layers) if _peft_targets(cfg, targets, m)]
     linears = [m for m in matched if m == "lm_head" or _kind_or_none(m) in BLOCK_KINDS]
     embeddings = [m for m in matched if m in EMBEDDINGS]
     if embeddings:
@@ -486,7 +522,7 @@ def _peft_targets(cfg, targets, key):
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
     for p in patterns:
-        match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+        match = re.match(_layers_regex(p), key)
         if match:
             break
     if match is None:
@@ -499,7 +535,7 @@ def _pattern_value(pattern, module, default):
     """PEFT's get_pattern_key: the first key of rank_pattern / alpha_pattern that matches
     the end of the module's name, else the common value."""
     for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(_pattern_key_regex(key), module):
             return value
     return default
 
@@ -553,26 +589,18 @@ def _minilora_prefix(module):
     return module if module == "lm_head" else module[len("transformer."):]
 
 
-def _cast_finite(tensors, dtype, path):
-    """The tensors in the model's dtype, still finite (float64 values beyond float32's
-    range would become inf in the cast), before anything changes."""
-    cast = {}
-    for name, t in tensors.items():
-        with np.errstate(over="ignore"):  # reported below, naming the tensor
-            cast[name] = t.astype(dtype, copy=False)
-        if not np.isfinite(cast[name]).all():
-            raise PeftError(f"{path}: {name} overflows {np.dtype(dtype).name}")
-    return cast
-
-
 def _check_embedding_copies(model, copies, path):
-    """PEFT saves the tied token table beside an lm_head adapter (save_embedding_layers);
-    loading puts it into the model. It must equal the model's wte: else the adapter was
-    trained on changed embeddings (or on another base model), which an adapter cannot hold."""
+    """PEFT saves the tied token table beside an lm_head adapter (save_embedding_layers),
+    and its loading puts the copy into the model. minilora keeps the model's own wte, so
+    the copy must equal it, in the copy's precision: else the adapter was trained on
+    changed embeddings (or on another base model), which an adapter cannot hold."""
     wte = to_numpy(model.params["wte.weight"])
     for name, t in copies.items():
-        if t.shape != wte.shape or not np.array_equal(t.astype(np.float64), wte.astype(np.float64)):
-            diff = (f"max difference {float(np.abs(t.astype(np.float64) - wte).max()):.3g}"
-                    if t.shape == wte.shape else f"shape {tuple(t.shape)}, wte {tuple(wte.shape)}")
+        # in the copy's own precision: PEFT saves it in the dtype the model was trained in
+        # (a float16 GPT-2's copy is wte rounded to float16, not wte)
+        mine = wte.astype(t.dtype) if t.shape == wte.shape else None
+        if mine is None or not np.array_equal(t, mine):
+            diff = (f"max difference {float(np.abs(t.astype(np.float64) - mine).max()):.3g} in {t.dtype}"
+                    if mine is not None else f"shape {tuple(t.shape)}, wte {tuple(wte.shape)}")
             raise PeftError(f"{path}: {PREFIX}{name} is a copy of the token table that differs from this model's "
                             f"wte ({diff}): the adapter was trained with other embeddings")

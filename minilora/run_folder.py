@@ -8,9 +8,13 @@ start there, and what ``--resume`` may continue.
     checkpoint/       the latest checkpoint (minilora.checkpoint)
 
 A job holds its folder with `hold_run_folder` from the moment it prepares it until it
-ends. Everything --resume refuses (no such folder, no run there, other options, other
-data, other classes, fewer epochs than already trained) is refused before anything in
-the folder changes.
+ends. Whether a folder may be used at all (new, empty, or a run's: it holds
+run_config.json) is decided before the lock is taken or anything is removed, so a folder
+of other files is refused as it is. Everything --resume refuses (no such folder, no run
+there, other options, other data, other classes, fewer epochs than already trained, and
+then a checkpoint or base model that does not load) is refused before anything in the
+run changes: a new --epochs is written only once the checkpoint has loaded
+(PreparedRun.commit).
 """
 
 import dataclasses
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from .checkpoint import has_checkpoint, read_loop_state
 from .errors import OptionError, RunFolderError
-from .files import clean_stale_temporaries, file_sha256, write_text
+from .files import TEMPORARY_NAME, clean_stale_temporaries, file_sha256, write_text
 from .run_lock import LOCK_FILE, RunFolderLock
 from .schema import Field, Schema, read_json
 
@@ -42,35 +46,67 @@ _KINDS = {str: "str", int: "int", float: "number", bool: "bool"}
 _NAMES_OR_WORD = ("targets",)
 
 
+@dataclasses.dataclass
+class PreparedRun:
+    """What prepare_run_folder decided for a job: `resume` (True: continue the checkpoint
+    in the folder), and what the job's start still has to write in run_config.json.
+
+    A resumed run whose --epochs differs from the run's records it only with `commit`,
+    which the job calls once the checkpoint has loaded (the base model and every file of
+    the checkpoint checked): a run refused until then keeps the run_config.json its
+    checkpoint was written with.
+    """
+
+    resume: bool
+    config_path: Path = None
+    pending: dict = None  # the run_config.json to write on commit (None: nothing to write)
+    note: str = None  # what commit logs when it writes
+
+    def commit(self, log):
+        """Write the pending run_config.json, once (nothing when there is none)."""
+        if self.pending is None:
+            return
+        write_text(self.config_path, json.dumps(self.pending, indent=2))
+        if self.note:
+            log(self.note)
+        self.pending = self.note = None
+
+
 @contextmanager
 def hold_run_folder(out, opts, log, job, data_file=None, class_names=None):
     """Hold the run folder `out` for the whole of a job: `with` it around the job's work.
 
-    Yields what prepare_run_folder returns (True: resume the checkpoint there), holding
-    the folder's lock (minilora.run_lock) until the block ends, by an error or Ctrl-C too;
-    a second job on the folder meanwhile is refused with one line naming this one.
+    Yields what prepare_run_folder returns (a PreparedRun: its `resume`, and its `commit`
+    for the job to call once training has started from the checkpoint), holding the
+    folder's lock (minilora.run_lock) until the block ends, by an error or Ctrl-C too; a
+    second job on the folder meanwhile is refused with one line naming this one.
     `job` names the job in that line ("minilora finetune"); `data_file` and `class_names`
     are what prepare_run_folder records and checks.
     """
     out = Path(out)
-    _check_output_dir(out, opts)  # before the lock, which makes the folder
+    # before the lock, which makes the folder and its lock file, and before the cleaning,
+    # which removes files: a folder minilora may not use is refused as it is
+    _check_output_dir(out, opts)
     with RunFolderLock(out, job, log):
-        # holding the lock, this job is the folder's one writer: every temporary left in it
-        # (.run_config.json.<random>.part, .adapter.<random>.part/, ...) is a killed run's
+        # holding the lock of a folder that is new, empty or a run's, this job is the
+        # folder's one writer: every temporary left in it (.run_config.json.<random>.part,
+        # .adapter.<random>.part/, ...) is a killed run's
         for path in clean_stale_temporaries(out):
             log(f"Removed {path.name}, left in {out} by a run that was killed while writing it")
         yield prepare_run_folder(out, opts, log, data_file=data_file, class_names=class_names)
 
 
 def prepare_run_folder(out, opts, log, data_file=None, class_names=None):
-    """Make the run folder `out` ready for the job of `opts` (a JobOptions); returns True
-    when a checkpoint there is to be resumed. Call it holding the folder (hold_run_folder).
+    """Make the run folder `out` ready for the job of `opts` (a JobOptions); returns a
+    PreparedRun (its `resume`: True when a checkpoint there is to be resumed). Call it
+    holding the folder (hold_run_folder).
 
     A fresh run needs an empty or new folder, and records its options, the sha256 of
     `data_file` and `class_names` in run_config.json. --resume needs a run there with the
     same options (type(opts).RESUME_KEYS), the same data (the file's sha256) and the same
-    class names, except --epochs, which may grow to extend the run; it starts afresh,
-    saying so, when the run wrote no checkpoint yet. A refusal changes nothing on disk.
+    class names, except --epochs, which may grow to extend the run (written by the
+    PreparedRun's commit); it starts afresh, saying so, when the run wrote no checkpoint
+    yet. A refusal changes nothing on disk.
     """
     out = Path(out)
     _check_output_dir(out, opts)
@@ -79,24 +115,48 @@ def prepare_run_folder(out, opts, log, data_file=None, class_names=None):
     if opts.resume:
         return _prepare_resume(out, opts, log, data, data_file)
     cfg_path = out / RUN_CONFIG_FILE
-    others = sorted(p.name for p in out.iterdir() if p.name not in (RUN_CONFIG_FILE, LOCK_FILE)) if out.exists() else []
-    if others and cfg_path.exists():  # a run got under way
+    if cfg_path.exists() and _other_entries(out):  # a run got under way
         raise RunFolderError(f"{out} already holds a run: pass --resume to continue it, or choose "
                              f"another --output-dir")
-    if others:
-        raise RunFolderError(f"{out} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
-                             f"and holds no run ({cfg_path} is missing): choose an empty or new --output-dir")
     recorded = {k: v for k, v in data.items() if v is not None}
     write_text(cfg_path, json.dumps({**_options(opts), "epochs": opts.epochs, **recorded}, indent=2))
-    return False
+    return PreparedRun(resume=False)
+
+
+def _other_entries(out):
+    """The names in `out` other than run_config.json and the lock file (sorted)."""
+    return sorted(p.name for p in out.iterdir() if p.name not in (RUN_CONFIG_FILE, LOCK_FILE))
 
 
 def _check_output_dir(out, opts):
-    """Refuse an --output-dir that cannot hold the run, before anything is written."""
+    """Refuse, reading only, an --output-dir the job may not use: a file; for --resume, no
+    folder or no run in it; for a fresh run, a folder that is neither empty nor a run's.
+
+    Empty means holding nothing but what a fresh run killed before its run_config.json
+    was in place can have left: the lock file (RunFolderLock refuses one that is not a
+    minilora job's) and temporaries of run_config.json. A folder holding run_config.json
+    is a run's: what else it holds is decided holding its lock (prepare_run_folder).
+    """
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--output-dir {out} is a file, not a folder")
     if opts.resume and not out.exists():
         raise RunFolderError(f"--resume: {out} does not exist; to start a run there, drop --resume")
+    cfg_path = out / RUN_CONFIG_FILE
+    if not out.exists() or cfg_path.is_file():
+        return
+    others = [name for name in _other_entries(out) if not _run_config_temporary(name)]
+    if opts.resume:
+        raise RunFolderError(f"--resume: {out} holds no run to continue ({cfg_path} is missing); "
+                             + ("give the folder of a run, or drop --resume and choose an empty --output-dir"
+                                if others else "to start a run there, drop --resume"))
+    if others:
+        raise RunFolderError(f"{out} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
+                             f"and holds no run ({cfg_path} is missing): choose an empty or new --output-dir")
+
+
+def _run_config_temporary(name):
+    match = TEMPORARY_NAME.fullmatch(name)
+    return match is not None and match["name"] == RUN_CONFIG_FILE
 
 
 def _options(opts):
@@ -104,13 +164,9 @@ def _options(opts):
 
 
 def _prepare_resume(out, opts, log, data, data_file):
-    """prepare_run_folder's --resume: every check first, then the one write (a new --epochs)."""
+    """prepare_run_folder's --resume: every check, and the one change (a new --epochs) left
+    pending for the PreparedRun's commit. _check_output_dir has seen run_config.json."""
     cfg_path = out / RUN_CONFIG_FILE
-    if not cfg_path.is_file():
-        empty = not any(p.name != LOCK_FILE for p in out.iterdir())
-        raise RunFolderError(f"--resume: {out} holds no run to continue ({cfg_path} is missing); "
-                             + ("to start a run there, drop --resume" if empty else
-                                "give the folder of a run, or drop --resume and choose an empty --output-dir"))
     saved = read_json(cfg_path, run_config_schema(type(opts)))
     wanted = _options(opts)
     diff = [f"{k}: {saved[k]!r} -> {wanted[k]!r}" for k in wanted if saved[k] != wanted[k]]
@@ -120,6 +176,7 @@ def _prepare_resume(out, opts, log, data, data_file):
     _check_same_data(out, saved, data, data_file)
     ckpt = out / CHECKPOINT_DIR
     resume = has_checkpoint(ckpt)
+    note = None
     if resume:
         state = read_loop_state(ckpt)
         started = state.epoch + (1 if state.batch else 0)  # epochs done or under way
@@ -127,14 +184,14 @@ def _prepare_resume(out, opts, log, data, data_file):
             raise OptionError(f"--epochs {opts.epochs}: the run in {out} has already trained "
                               f"{started} epoch(s); resume with --epochs {started} or more")
         if opts.epochs > saved["epochs"]:
-            log(f"Extending the run in {out} from {saved['epochs']} to {opts.epochs} epochs")
+            note = f"Extending the run in {out} from {saved['epochs']} to {opts.epochs} epochs"
     else:
         log(f"{out} has no checkpoint yet (none in {ckpt}): starting the run afresh")
-    if opts.epochs != saved["epochs"]:
-        # absent data keys stay absent: the data an older run started with is not known
-        kept = {k: v for k, v in saved.items() if not (k in DATA_KEYS and v is None)}
-        write_text(cfg_path, json.dumps({**kept, "epochs": opts.epochs}, indent=2))
-    return resume
+    if opts.epochs == saved["epochs"]:
+        return PreparedRun(resume=resume)
+    # absent data keys stay absent: the data an older run started with is not known
+    kept = {k: v for k, v in saved.items() if not (k in DATA_KEYS and v is None)}
+    return PreparedRun(resume=resume, config_path=cfg_path, pending={**kept, "epochs": opts.epochs}, note=note)
 
 
 def _check_same_data(out, saved, data, data_file):

@@ -11,10 +11,15 @@ a second job on the folder is refused with one line that names the first:
 
 The operating system releases its lock when the process ends, even when it is killed
 (SIGKILL, a power cut on a local disk), so a lock file left by a run that is gone is
-recognised and taken over, with a line in the log. Only a lock file naming another host
-is not taken over: whether a network file system carries the lock from one machine to
-another is not something this machine can check, and a second job writing into a
-running job's folder mixes two runs, so the line says to delete the file instead.
+recognised and taken over, with a line in the log. That holds when the file names
+another host too: a container gets a new host name each time it starts (Docker), so a
+run killed in one and resumed in the next finds its own lock under another name. A free
+lock means that no process on this machine holds it, nor on another one that shares the
+file system's locks, as NFS does (Linux sends flock to the NFS server as a lock on the
+whole file); only a mount whose locks stay on each machine (NFS with ``nolock``) cannot
+tell, and the log line names the host so that a user who runs jobs on two machines can
+check. A lock file that is not a holder (another program's ``.lock``) is never taken
+over, nor changed: the job is refused, naming the file.
 
 The model is the `filelock` package (what huggingface_hub locks its cache with), with
 two differences: the lock file says who holds it, and it is removed when the job ends,
@@ -58,7 +63,7 @@ _HOLDER_WAIT_SECONDS = 1.0
 
 
 class RunFolderBusy(RunFolderError):
-    """The run folder is in use by another job (or its lock file names another host)."""
+    """The run folder is in use by another job."""
 
 
 class RunFolderLock:
@@ -69,7 +74,8 @@ class RunFolderLock:
 
     `acquire` makes the folder when it does not exist (a fresh run writes there anyway),
     takes the lock or raises RunFolderBusy, and takes over a lock left by a job that is
-    gone, saying so through `log`. `release` removes the lock file and lets the lock go.
+    gone, saying so through `log`; a lock file another program wrote is refused
+    (RunFolderError) and left as it is. `release` removes the lock file and lets the lock go.
     """
 
     def __init__(self, folder, job, log=None):
@@ -93,17 +99,20 @@ class RunFolderLock:
             raise WriteError(self.folder, e) from e
         fd = self._open_locked()
         try:
-            left = _read_holder(fd)
+            left = _read_holder(fd, self.path, foreign_ok=False)
             if left is not None and left["host"] != socket.gethostname():
-                raise RunFolderBusy(f"{self.folder} is locked by {_describe(left)} (another machine); if it "
-                                    f"is no longer running there, delete {self.path} and run again")
-            if left is not None:
+                # the lock is free: no process here holds it, nor one on a machine sharing its locks
+                self.log(f"{self.folder} was locked by {_describe(left)}, another host name (a container "
+                         f"started again gets a new one); the lock is free, so that job is no longer running "
+                         f"unless this file system keeps each machine's locks apart (NFS mounted with nolock): "
+                         f"taking the lock over")
+            elif left is not None:
                 self.log(f"{self.folder} was locked by {_describe(left)}, which is no longer running: "
                          f"taking the lock over")
             _write_holder(fd, {"job": self.job, "pid": os.getpid(), "host": socket.gethostname(),
                                "started": datetime.now().astimezone().isoformat(timespec="seconds")})
         except BaseException:
-            _unlock_and_close(fd, self.path, remove=False)  # the file is the gone job's, or the other host's
+            _unlock_and_close(fd, self.path, remove=False)  # the file is the gone job's, or another program's
             raise
         self._fd = fd
 
@@ -115,7 +124,7 @@ class RunFolderLock:
             except OSError as e:
                 raise WriteError(self.path, e) from e
             if not _try_lock(fd, self.path):
-                holder = _wait_for_holder(fd)
+                holder = _wait_for_holder(fd, self.path)
                 os.close(fd)
                 who = _describe(holder) if holder else "another job that is starting"
                 raise RunFolderBusy(f"{self.folder} is in use by {who}; wait for it or choose another "
@@ -143,22 +152,28 @@ def _describe(holder):
     return f"{holder['job']}, pid {holder['pid']} on host {holder['host']}, since {shown}"
 
 
-def _read_holder(fd):
-    """Who the lock file says holds it, or None (empty: nobody; unreadable: nobody we can name)."""
+def _read_holder(fd, path, foreign_ok=True):
+    """Who the lock file at `path` says holds it, or None when it is empty (nobody). Text
+    that is not a holder is another program's file: None too with `foreign_ok` (a holder
+    being written, as seen by a job waiting for it), else RunFolderError naming the file."""
     os.lseek(fd, 0, os.SEEK_SET)
     text = os.read(fd, 64 * 1024).decode("utf-8", errors="replace").strip("\0 \n")
     if not text:
         return None
     try:
-        return HOLDER.check(parse_json(text, LOCK_FILE), LOCK_FILE)
-    except FileCheckError:
-        return None
+        return HOLDER.check(parse_json(text, path), path)
+    except FileCheckError as e:
+        if foreign_ok:
+            return None
+        raise RunFolderError(f"{e}: not the lock file of a minilora job, so another program may be using "
+                             f"{path.parent}; choose another --output-dir (or delete {path} if nothing "
+                             f"uses it)") from None
 
 
-def _wait_for_holder(fd):
+def _wait_for_holder(fd, path):
     """The holder of a lock we could not take; it writes itself a moment after locking."""
     deadline = time.monotonic() + _HOLDER_WAIT_SECONDS
-    while (holder := _read_holder(fd)) is None and time.monotonic() < deadline:
+    while (holder := _read_holder(fd, path)) is None and time.monotonic() < deadline:
         time.sleep(0.02)
     return holder
 

@@ -26,6 +26,7 @@ from .errors import MiniloraError
 from .config import PRESET_ALIASES, PRESETS, GPTConfig, param_shapes
 from .files import atomic_path, write_text
 from .schema import Field, FileCheckError, Schema, read_json
+from .tensors import cast_finite
 
 HF_ENDPOINT = "https://huggingface.co"
 HF_REPOS = {"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
@@ -50,6 +51,11 @@ class CheckpointError(MiniloraError, ValueError):
 # - out_head.weight (C, n) and out_head.bias (n): a classifier's head (`minilora export
 #   --merged` of a classifier, with a "minilora" note in config.json).
 HEAD_TENSORS = ("lm_head.weight", "out_head.weight", "out_head.bias")
+HEAD_NOTE = ("out_head.weight (emb_dim, num_classes) and out_head.bias (num_classes) are the classifier head "
+             "of the book's appendix E: logits = x @ out_head.weight + out_head.bias, x the final layer norm's "
+             "output at the position `pool` says ('last': the last position, pads included; 'last_real': the "
+             "last real token). transformers' GPT2LMHeadModel does not read them; "
+             "minilora.GPTModel.from_pretrained(folder) does.")
 
 
 def hf_name(name):
@@ -142,29 +148,6 @@ def config_from_shapes(shapes, n_heads=None):
 # ---------------------------------------------------------------------------- reading
 
 
-def nonfinite_problem(cast, stored=None):
-    """None when every value of `cast` is finite, else what is wrong, for an error line
-    that names the tensor: "holds NaN (3 of 768 values, the first at index (0, 5))".
-
-    stored: the array as the file holds it, when `cast` is its cast to the model's dtype:
-    finite values that only the cast made infinite (float64 above float32's range) are
-    said so. np.isfinite(a).all() costs about 0.045 s over gpt2-small's 124 M float32
-    values on this 2-core CPU, where loading the 548 MB file from the page cache takes
-    about 0.25 s (and from disk, seconds): cheap enough to check every tensor. (A sum
-    that stays finite proves the same a little faster, 0.035 s, but not enough to be
-    worth a second code path.)"""
-    if np.isfinite(cast).all():
-        return None
-    bad = ~np.isfinite(cast)
-    first = tuple(int(i) for i in np.unravel_index(int(bad.argmax()), cast.shape))
-    if stored is not None and stored.dtype != cast.dtype and np.isfinite(stored).all():
-        largest = float(np.abs(stored).max())
-        return (f"holds values beyond {cast.dtype}'s range (largest magnitude {largest:.3g}, the first at "
-                f"index {first}), which become inf in {cast.dtype}; load it as float64")
-    kinds = " and ".join(k for k, hit in (("NaN", np.isnan(cast).any()), ("inf", np.isinf(cast).any())) if hit)
-    return f"holds {kinds} ({int(bad.sum()):,} of {cast.size:,} values, the first at index {first})"
-
-
 def _open(path):
     """safe_open a checkpoint, turning every way a file can be broken into CheckpointError."""
     from safetensors import safe_open
@@ -236,7 +219,7 @@ def check_tensors(header, cfg, path):
     listed("not float16/32/64 (NumPy has no bfloat16: convert the file first)",
            [f"{n} {header[n][1]}" for n in header if n in expected and header[n][1] not in ("F16", "F32", "F64")])
     if problems:
-        raise CheckpointError(f"{path} does not match a GPT-2 with {cfg}:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{path} does not match a GPT-2 with {cfg}: " + "; ".join(problems))
 
 
 def _tied_head(weights_path):
@@ -249,6 +232,27 @@ def _tied_head(weights_path):
         return read_json(path, HF_CONFIG_SCHEMA)["tie_word_embeddings"]
     except FileCheckError as e:
         raise CheckpointError(str(e)) from None
+
+
+def _heads(header, path):
+    """The heads of HEAD_TENSORS that a checkpoint (its header, and the config.json beside
+    it) gives the model: lm_head.weight only where the config unties it from wte."""
+    untied = "lm_head.weight" in header and not _tied_head(path)
+    return tuple(n for n in HEAD_TENSORS if n in header and (n != "lm_head.weight" or untied))
+
+
+def read_heads(name_or_path, offline=None, progress=None):
+    """The heads a checkpoint (a preset, a file or a folder) gives a model beside GPT-2's
+    tied one, from its header and config.json alone, without reading the weights (a
+    preset: none, and no download): "lm_head.weight" where the LM head is a weight of
+    its own (tie_word_embeddings false: a merged language model), "out_head.weight" and
+    "out_head.bias" for a classifier (a merged minilora classifier). What a job checks
+    before it writes its run folder (the heads decide what can be trained)."""
+    key = PRESET_ALIASES.get(str(name_or_path), str(name_or_path))
+    if key in PRESETS:
+        return ()
+    path, _, _ = resolve_checkpoint(name_or_path, offline, progress)
+    return _heads(read_header(path), path)
 
 
 def _read_config(path):
@@ -334,7 +338,7 @@ def _checked_config(path, cfg, header, warn=True):
              for k in ("vocab_size", "context_length", "emb_dim", "n_layers", "qkv_bias")
              if getattr(cfg, k) != getattr(inferred, k)]
     if wrong:
-        raise CheckpointError(f"{path}: the configuration disagrees with the tensors:\n  " + "\n  ".join(wrong))
+        raise CheckpointError(f"{path}: the configuration disagrees with the tensors: " + "; ".join(wrong))
     return cfg
 
 
@@ -345,20 +349,17 @@ def load_pretrained(cls, name_or_path, dtype="float32", device=None, offline=Non
     cfg = _checked_config(path, cfg, header)
     check_tensors(header, cfg, path)
     model = cls(cfg, dtype=dtype, device=device, init=False)
-    untied = not _tied_head(path)
+    heads = _heads(header, path)
     f = _open(path)
     for ours, (_, _, stored) in header.items():  # one tensor in host memory at a time
-        if ours == "lm_head.weight" and not untied:
+        if ours in HEAD_TENSORS and ours not in heads:
             continue  # the tied head's stored copy of wte: wte is the head
         array = f.get_tensor(stored)
         if ours == "lm_head.weight":
             array = np.ascontiguousarray(array.T)  # nn.Linear's (V, C) -> minilora's (C, V)
-        with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
-            cast = array.astype(model.dtype, copy=False)  # on the host: checked before it reaches a device
-        problem = nonfinite_problem(cast, array)
-        if problem:  # a NaN weight would only show up as a NaN loss at step 0, blamed on the lr
-            raise CheckpointError(f"{path}: {stored} {problem}")
-        model.params[ours] = model._to_model(cast)
+        # on the host, checked before it reaches a device: a NaN weight would only show up
+        # as a NaN loss at step 0, blamed on the learning rate
+        model.params[ours] = model._to_model(cast_finite(stored, array, model.dtype, CheckpointError, path))
     names = list(param_shapes(cfg)) + [n for n in HEAD_TENSORS if n in model.params]
     model.params = {n: model.params[n] for n in names}  # checkpoint order, the heads last
     model.trainable = list(model.params)
@@ -389,12 +390,49 @@ def write_checkpoint(params, path, prefix="", buffers=False):
     return Path(path)
 
 
-def save_pretrained(model, folder):
-    """Write the base model as folder/model.safetensors + folder/config.json (HF layout)."""
+def hub_config(cfg, params, settings=None):
+    """config.json of a checkpoint holding `params` (minilora's names): config_to_hf's,
+    with "tie_word_embeddings": false where the LM head is a weight of its own
+    (lm_head.weight; else transformers ties it to wte, as GPT-2's own files say), and for
+    a classifier (out_head.*) a "minilora" note saying how to read its head (`settings`:
+    the adapter's class_names, pool, pad, max_length, where known)."""
+    config = config_to_hf(cfg)
+    if "lm_head.weight" in params:
+        config["tie_word_embeddings"] = False
+    if "out_head.weight" in params:
+        config["minilora"] = {"head": "out_head", "num_classes": int(params["out_head.weight"].shape[1]),
+                              "note": HEAD_NOTE, **{k: v for k, v in (settings or {}).items() if v is not None}}
+    return config
+
+
+def write_hub_folder(folder, params, cfg, settings=None):
+    """The one writer of the Hub's layout: `params` (minilora's names and layout: GPT-2's
+    tensors, and lm_head.weight (C, V) / out_head.* where the model has them) as
+    folder/model.safetensors, lm_head.weight transposed to nn.Linear's (V, C), and
+    folder/config.json (hub_config); each file atomically. What load_pretrained reads
+    back to the same model. Returns the folder."""
+    from .backend import to_numpy
+
     folder = Path(folder)
-    if "lm_head.weight" in model.params:  # a merged LoRA head: the checkpoint's tied head would lose it
-        raise CheckpointError("the LM head is merged (lm_head.weight): unmerge_lora(model) before save_pretrained")
-    base = {n: model.params[n] for n in param_shapes(model.cfg)}
-    write_checkpoint(base, folder / WEIGHTS_NAME)
-    write_text(folder / CONFIG_NAME, json.dumps(config_to_hf(model.cfg), indent=2))
+    tensors = {n: to_numpy(a).T if n == "lm_head.weight" else a for n, a in params.items()}
+    write_checkpoint(tensors, folder / WEIGHTS_NAME)
+    write_text(folder / CONFIG_NAME, json.dumps(hub_config(cfg, params, settings), indent=2))
     return folder
+
+
+def save_pretrained(model, folder, settings=None):
+    """Write the model's own weights as folder/model.safetensors + folder/config.json in
+    the Hub's layout (write_hub_folder): GPT-2's tensors, an untied LM head's
+    lm_head.weight, a classifier's out_head.* (`settings` as hub_config's), so that
+    from_pretrained(folder) is the same model. LoRA adapters are not written (save_adapter
+    writes them; minilora.export.export_merged writes the model with them folded in).
+
+    A model whose adapters are merged is refused: its weights are neither the base (the
+    adapters are in them) nor marked as merged, and the adapters could not be taken out
+    of the file again; unmerge first, or export it merged on purpose."""
+    if model.lora is not None and model.lora.merged:
+        raise CheckpointError("the model's LoRA adapters are merged into its weights: unmerge_lora(model) to save "
+                              "the base model, or minilora.export.export_merged(model, folder) to save it with the "
+                              "adapters folded in")
+    names = list(param_shapes(model.cfg)) + [n for n in HEAD_TENSORS if n in model.params]
+    return write_hub_folder(folder, {n: model.params[n] for n in names}, model.cfg, settings)

@@ -300,7 +300,7 @@ def test_a_failed_checkpoint_keeps_the_previous_one(tiny_cfg, tmp_path, monkeypa
     with pytest.raises(WriteError, match=f"cannot write {ckpt}: No space left on device"):
         checkpoint.save_checkpoint(ckpt, model, opt, checkpoint.LoopState(step=2))
     assert checkpoint.read_loop_state(ckpt).step == 1 and leftovers(tmp_path) == []
-    os.replace(ckpt, tmp_path / "checkpoint.old")  # as a crash between atomic_folder's two renames leaves it
+    os.replace(ckpt, tmp_path / "checkpoint.old")  # as a crash between the two renames of an older minilora left it
     assert checkpoint.has_checkpoint(ckpt) and checkpoint.read_loop_state(ckpt).step == 1
 
 

@@ -8,6 +8,7 @@ resume after one continues to the uninterrupted result bit for bit."""
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from minilora.errors import CheckpointStateError
 from minilora.files import atomic_path, clean_stale_temporaries
 from minilora.tasks import ClassificationTask
 from minilora.train import TrainConfig, TrainingDiverged, train
+from fixtures_weights import TINY_REAL_VOCAB
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = {"food": "pizza pasta bread cheese soup", "sport": "goal match team score ball"}
@@ -157,12 +159,29 @@ def test_a_deleted_file_is_named(tiny_cfg, tmp_path):
         read_loop_state(tmp_path / "ckpt")
 
 
-def test_a_file_the_manifest_does_not_list_is_named(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("name", [
+    TRAINED_FILE,  # would make the loader take the full-fine-tuning path
+    "adapter/adapter_config.json",  # an older minilora's config name, which read_adapter reads too
+])
+def test_a_file_the_manifest_does_not_list_that_loading_reads_is_named(tiny_cfg, tmp_path, name):
     saved_checkpoint(tiny_cfg, tmp_path / "ckpt")
-    (tmp_path / "ckpt" / TRAINED_FILE).write_bytes(b"")  # would make the loader take the full-fine-tuning path
+    (tmp_path / "ckpt" / name).write_bytes(b"")
     line = refused(tmp_path / "ckpt", *blank(tiny_cfg))
-    assert line == (f"{tmp_path / 'ckpt' / TRAINED_FILE}: not in the manifest (minilora did not write it there): "
+    assert line == (f"{tmp_path / 'ckpt' / name}: not in the manifest (minilora did not write it there): "
                     f"the checkpoint is damaged")
+
+
+def test_files_that_loading_never_reads_do_not_stop_a_resume(tiny_cfg, tmp_path):
+    """Finder leaves a .DS_Store in every folder it shows, Explorer a Thumbs.db: such a
+    checkpoint was refused ("not in the manifest"), and the run could not be resumed."""
+    model, saved_opt = saved_checkpoint(tiny_cfg, tmp_path / "ckpt")
+    for name in (".DS_Store", "adapter/.DS_Store", "Thumbs.db"):
+        (tmp_path / "ckpt" / name).write_bytes(b"\0\0\0\1Bud1")
+    fresh, opt = blank(tiny_cfg)
+    assert load_checkpoint(tmp_path / "ckpt", fresh, opt).step == 2
+    for name in model.trainable:
+        np.testing.assert_array_equal(fresh.params[name], model.params[name], err_msg=name)
+        np.testing.assert_array_equal(opt.m[name], saved_opt.m[name], err_msg=name)
 
 
 @pytest.mark.parametrize("text, says", [
@@ -487,6 +506,35 @@ def test_a_truncated_optimizer_file_then_resume_is_one_line_and_changes_nothing(
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_run_checkpointed_before_history_rows_had_seconds_resumes_twice(minilora_home, tiny_checkpoint, tmp_path,
+                                                                         monkeypatch):
+    """state.json as minilora wrote it before bc371a2 (git show bc371a2^:minilora/train.py):
+    history rows without "seconds", no tokens_seen anywhere, no task, and no manifest.json
+    (before accafd5). It was refused ("history[0].seconds: missing"); it resumes, the old
+    steps' seconds empty in history.csv (not measured), and the state saved by that resume,
+    its old rows' seconds null, resumes again."""
+    monkeypatch.setenv("MINILORA_OFFLINE", "1")
+    data, out = write_csv(tmp_path / "d.csv"), tmp_path / "run"
+    assert cli.main(finetune_args(tiny_checkpoint, data, out, epochs=1)) == 0
+    ckpt = out / "checkpoint"
+    meta = json.loads((ckpt / STATE_FILE).read_text())
+    loop = meta["loop"]
+    del loop["tokens_seen"], loop["task"]
+    for row in loop["history"] + loop["evals"] + loop["epochs"]:
+        del row["tokens_seen"]
+    for row in loop["history"]:
+        del row["seconds"]
+    (ckpt / STATE_FILE).write_text(json.dumps(meta))
+    (ckpt / MANIFEST_FILE).unlink()
+    old_steps = len(loop["history"])
+    assert cli.main(finetune_args(tiny_checkpoint, data, out, epochs=2) + ["--resume"]) == 0
+    rows = (out / "history.csv").read_text().splitlines()
+    seconds = [row.split(",")[rows[0].split(",").index("seconds")] for row in rows[1:]]
+    assert seconds[:old_steps] == [""] * old_steps and all(seconds[old_steps:])
+    assert read_loop_state(ckpt).history[0]["seconds"] is None
+    assert cli.main(finetune_args(tiny_checkpoint, data, out, epochs=3) + ["--resume"]) == 0
+
+
 # ----------------------------------------------------------------------------- temporaries of killed writes
 
 
@@ -519,6 +567,72 @@ def test_save_checkpoint_removes_what_a_killed_save_left(tiny_cfg, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "ckpt"]
 
 
+def test_replacing_a_folder_leaves_a_users_folder_old_beside_it(tiny_checkpoint, tmp_path):
+    """`minilora export ... --out exp` and save_adapter(..., "sv") used to delete exp.old
+    and sv.old, the name atomic_folder set the previous folder aside under, even when
+    there was no previous folder."""
+    model = ml.GPTModel(TINY_REAL_VOCAB, seed=0)
+    ml.apply_lora(model, rank=2, alpha=2, seed=1)
+    ml.save_adapter(model, tmp_path / "lmad", base_model=str(tiny_checkpoint))
+    for name in ("exp.old", "sv.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keep.txt").write_text("backup")
+    for _ in range(2):  # a new folder, then one replaced
+        assert cli.main(["export", str(tmp_path / "lmad"), "--out", str(tmp_path / "exp"), "--offline"]) == 0
+        ml.save_adapter(model, tmp_path / "sv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "exp.old", "lmad", "sv", "sv.old"]
+    assert all((tmp_path / name / "keep.txt").read_text() == "backup" for name in ("exp.old", "sv.old"))
+
+
+def test_a_checkpoint_set_aside_by_a_crash_between_the_renames_is_put_back(tiny_cfg, tmp_path, monkeypatch):
+    """The first rename done, the second not (a power cut): only the aside holds the checkpoint."""
+    from minilora import files
+
+    saved_checkpoint(tiny_cfg, tmp_path / "ckpt", steps=2)
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # ckpt -> its aside done; tmp -> ckpt is the crash
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        saved_checkpoint(tiny_cfg, tmp_path / "ckpt", steps=3)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == asides(tmp_path, "ckpt")  # the aside alone
+    assert has_checkpoint(tmp_path / "ckpt") and read_loop_state(tmp_path / "ckpt").step == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_only_an_older_minilora_s_whole_folder_old_is_put_back(tiny_cfg, tmp_path):
+    """<name>.old is what minilora versions before the random names left after such a crash:
+    put back when it is a whole checkpoint and no folder is there, left alone otherwise."""
+    saved_checkpoint(tiny_cfg, tmp_path / "a")
+    os.replace(tmp_path / "a", tmp_path / "a.old")  # an older minilora's crash between the renames
+    assert has_checkpoint(tmp_path / "a") and not (tmp_path / "a.old").exists()
+    saved_checkpoint(tiny_cfg, tmp_path / "b")
+    (tmp_path / "b.old").mkdir()  # the user's, beside a whole checkpoint
+    (tmp_path / "b.old" / STATE_FILE).write_text("{}")
+    (tmp_path / "c.old").mkdir()  # the user's, not a checkpoint, and no c
+    (tmp_path / "c.old" / "keep.txt").write_text("backup")
+    assert has_checkpoint(tmp_path / "b") and not has_checkpoint(tmp_path / "c")
+    assert (tmp_path / "b.old" / STATE_FILE).read_text() == "{}"
+    assert (tmp_path / "c.old" / "keep.txt").read_text() == "backup" and not (tmp_path / "c").exists()
+
+
+def test_a_stale_aside_goes_only_once_its_folder_is_back(tmp_path):
+    """A run killed after the second rename leaves the previous copy aside: removed by the
+    folder's one writer; an aside whose folder is missing is its only copy, and stays."""
+    for name in ("checkpoint", "adapter"):
+        (tmp_path / f".{name}.ab12cd34.old").mkdir()
+        (tmp_path / f".{name}.ab12cd34.old" / "x").write_text("old")
+    (tmp_path / "checkpoint").mkdir()
+    assert clean_stale_temporaries(tmp_path) == [tmp_path / ".checkpoint.ab12cd34.old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.ab12cd34.old", "checkpoint"]
+
+
 # A child `minilora finetune` that kills itself with SIGKILL at one moment of its writes,
 # argv[1] naming it (KILL_POINTS), or sleeps half a second inside each checkpoint write
 # ("slow") for the test to kill it from outside then. SIGKILL cannot be caught: nothing
@@ -527,6 +641,7 @@ DRIVER = r"""
 import os, signal, sys, time
 from pathlib import Path
 from minilora import checkpoint, cli, train
+from minilora.files import ASIDE_NAME
 
 point, count = sys.argv[1].split(":")
 count = int(count)
@@ -558,7 +673,8 @@ def write_manifest(folder):
 def replace(src, dst):
     src, dst = Path(src), Path(dst)
     real_replace(src, dst)
-    die_on(point == "between_renames" and dst.name == "checkpoint.old")
+    aside = ASIDE_NAME.fullmatch(dst.name)
+    die_on(point == "between_renames" and aside is not None and aside["name"] == "checkpoint")
     # the new checkpoint in place, the old one not yet deleted
     die_on(point == "after_renames" and src.name.startswith(".checkpoint.") and dst.name == "checkpoint")
 
@@ -570,6 +686,11 @@ sys.exit(cli.main(sys.argv[2:]))
 
 def leftovers(folder):
     return sorted(p.name for p in Path(folder).rglob("*") if p.name.endswith((".part", ".old")))
+
+
+def asides(folder, name="checkpoint"):
+    """The copies of folder/name that atomic_folder set aside (.<name>.<random>.old)."""
+    return sorted(p.name for p in Path(folder).iterdir() if re.fullmatch(rf"\.{name}\.[a-z0-9_]{{8}}\.old", p.name))
 
 
 def test_runs_killed_at_any_moment_resume_to_the_uninterrupted_result(minilora_home, tiny_checkpoint, tmp_path,
@@ -600,12 +721,12 @@ def test_runs_killed_at_any_moment_resume_to_the_uninterrupted_result(minilora_h
     assert not (out / "checkpoint").exists()
     killed(child("optimizer:1"))  # inside the first checkpoint's write
     assert leftovers(out) and not (out / "checkpoint").exists()
-    killed(child("between_renames:1"))  # the epoch-2 checkpoint: the epoch-1 one moved aside as checkpoint.old
-    assert "checkpoint.old" in leftovers(out) and not (out / "checkpoint").exists()
-    killed(child("manifest:1"))  # resumed from epoch 1 (checkpoint.old put back); epoch 2's temporary whole
+    killed(child("between_renames:1"))  # the epoch-2 checkpoint: the epoch-1 one set aside
+    assert len(asides(out)) == 1 and not (out / "checkpoint").exists()
+    killed(child("manifest:1"))  # resumed from epoch 1 (the aside put back); epoch 2's temporary whole
     assert read_loop_state(out / "checkpoint").epoch == 1 and leftovers(out)
-    killed(child("after_renames:1"))  # epoch 2's checkpoint in place, epoch 1's still there as checkpoint.old
-    assert leftovers(out) == ["checkpoint.old"] and read_loop_state(out / "checkpoint").epoch == 2
+    killed(child("after_renames:1"))  # epoch 2's checkpoint in place, epoch 1's still set aside
+    assert leftovers(out) == asides(out) and len(asides(out)) == 1 and read_loop_state(out / "checkpoint").epoch == 2
 
     proc = child("slow:0")  # killed from outside while a checkpoint of epoch 3 is being written
     deadline = time.monotonic() + 120

@@ -303,3 +303,91 @@ def test_a_base_model_that_moved_is_one_line_naming_the_adapter(offline, adapter
     line = error_line(capsys)  # was two lines, the second one saying where the name came from
     assert str(tmp_path / "gone") in line
     assert line.endswith(f"(the base model recorded in {folder}; pass --model to say where it is)")
+
+
+# ----------------------------------------------------------------------------- a model of the wrong kind
+
+
+@pytest.fixture(scope="module")
+def lm_adapters(tmp_path_factory, tiny_checkpoint):
+    """{"minilora": ..., "peft": ...}: a language model's adapter of the tiny model in both formats
+    (what `minilora instruct` saves, and its `minilora export`), each naming its base model."""
+    root = tmp_path_factory.mktemp("lm-adapters")
+    model = ml.GPTModel.from_pretrained(tiny_checkpoint)
+    ml.apply_lora(model, rank=2, alpha=2)
+    return {"minilora": ml.save_adapter(model, root / "lm", base_model=str(tiny_checkpoint)),
+            "peft": ml.export_peft(model, root / "peft")}
+
+
+@pytest.mark.parametrize("kind", ["minilora", "peft"])
+@pytest.mark.parametrize("command", ["classify", "evaluate"])
+def test_classify_and_evaluate_refuse_a_language_model_s_adapter(offline, lm_adapters, adapter, kind, command,
+                                                                  capsys):
+    """Once: exit 0, printing vocabulary ids as classes ("48180 0.0000 win money now"), or
+    an accuracy of 0.00%."""
+    folder = lm_adapters[kind]
+    args = ["win money now"] if command == "classify" else ["--data", str(adapter[0])]
+    assert cli.main([command, "--adapter", str(folder), *args]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [f"minilora {command}: error: --adapter {folder}: a language model's "
+                                         f"adapter (no classifier head); use minilora generate --adapter {folder}"]
+
+
+@pytest.fixture(scope="module")
+def merged_models(tmp_path_factory, tiny_checkpoint):
+    """{"language model": ..., "classifier": ...}: merged exports (minilora export --merged) of
+    the tiny model with LoRA on every linear: the language model's head untied (its own
+    lm_head.weight, tie_word_embeddings false), the classifier's head out_head.*."""
+    from minilora.export import export_merged
+
+    root = tmp_path_factory.mktemp("merged")
+    lm = ml.GPTModel.from_pretrained(tiny_checkpoint)
+    ml.apply_lora(lm, rank=2, alpha=2)
+    classifier = ml.GPTModel.from_pretrained(tiny_checkpoint).replace_head(2)
+    ml.apply_lora(classifier, rank=2, alpha=2)
+    return {"language model": export_merged(lm, root / "lm"), "classifier": export_merged(classifier, root / "cls")}
+
+
+@pytest.fixture
+def instruction_file(tmp_path):
+    entries = [{"instruction": f"Name the number {i}.", "input": "", "output": f"It is {i}."} for i in range(40)]
+    path = tmp_path / "instructions.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def instruct(model, data, out, *more):
+    return cli.main(["instruct", "--model", str(model), "--data", str(data), "--output-dir", str(out),
+                     "--epochs", "1", "--batch-size", "4", "--max-length", "64", "--offline", *more])
+
+
+def test_full_instruction_fine_tuning_of_an_untied_head_is_refused_before_the_run_folder(
+        offline, merged_models, instruction_file, tmp_path, capsys):
+    """Once: a RuntimeError traceback from model.backward at step 0, the run folder written."""
+    model = merged_models["language model"]
+    assert instruct(model, instruction_file, tmp_path / "run", "--full") == 1
+    line = error_line(capsys)
+    assert line.startswith(f"minilora instruct: error: --model {model}: ") and "tie_word_embeddings false" in line
+    assert "LoRA" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_instruction_fine_tuning_of_a_classifier_is_refused_before_the_run_folder(
+        offline, merged_models, instruction_file, tmp_path, capsys, full):
+    """Once: "targets must be in [0, 2) or ignore_index (-100)" after the run folder was written."""
+    model = merged_models["classifier"]
+    assert instruct(model, instruction_file, tmp_path / "run", *(["--full"] if full else ["--rank", "2"])) == 1
+    assert error_line(capsys).startswith(f"minilora instruct: error: --model {model}: a classifier")
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_of_a_merged_classifier_is_refused_before_the_run_folder(offline, merged_models, adapter,
+                                                                          tmp_path, capsys):
+    """Once: trained under a new random head over the merged one, and with other classes an
+    adapter that its own base model refused ("adapter has 3 classes, model has 2")."""
+    model = merged_models["classifier"]
+    assert finetune(model, adapter[0], tmp_path / "run") == 1
+    assert error_line(capsys).startswith(f"minilora finetune: error: --model {model}: a classifier already")
+    assert not (tmp_path / "run").exists()

@@ -400,6 +400,19 @@ def test_adapters_with_ranks_of_their_own_round_trip(tmp_path, tiny_cfg, tiny_id
     np.testing.assert_array_equal(fresh.forward(tiny_idx), model.forward(tiny_idx))
 
 
+def test_an_adapter_of_numpy_scalar_settings_saves_and_loads(tmp_path, tiny_cfg, tiny_idx):
+    """apply_lora takes NumPy numbers (an int64 rank, a float32 alpha); save_adapter once
+    failed in json.dumps ("Object of type int64 is not JSON serializable")."""
+    model = ml.GPTModel(tiny_cfg, seed=0, dtype="float64").replace_head(2)
+    ml.apply_lora(model, rank=np.int64(2), alpha=np.float32(2.5), dropout=np.float32(0.25))
+    model.params["h.0.mlp.c_fc.lora_B"][...] = 0.1
+    save_adapter(model, tmp_path / "a", max_length=np.int64(5))
+    fresh = ml.GPTModel(tiny_cfg, seed=0, dtype="float64")
+    config = load_adapter(fresh, tmp_path / "a")
+    assert (config["rank"], config["alpha"], config["dropout"], config["max_length"]) == (2, 2.5, 0.25, 5)
+    np.testing.assert_array_equal(fresh.eval().forward(tiny_idx), model.eval().forward(tiny_idx))
+
+
 def test_a_config_that_is_not_an_object_is_refused(adapter, tiny_cfg):
     (adapter / CONFIG_FILE).write_text("[1, 2]")
     with pytest.raises(AdapterError) as e:

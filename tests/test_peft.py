@@ -14,6 +14,7 @@ the same count gives ~1e-13; 1e-10 is used.
 """
 
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -27,6 +28,8 @@ from minilora.export import export_merged
 from minilora.gradcheck import MODEL_TOL, check_model
 from minilora.weights import save_pretrained
 
+from cli_helpers import error_line
+
 TINY = ml.GPTConfig(vocab_size=100, context_length=32, emb_dim=16, n_heads=2, n_layers=2)
 F32_TOL, F64_TOL = 1e-5, 1e-10
 IDX = np.array([[5, 17, 17, 3, 99, 0, 42], [8, 1, 64, 64, 2, 33, 7]])  # repeated ids on purpose
@@ -35,7 +38,8 @@ IDX = np.array([[5, 17, 17, 3, 99, 0, 42], [8, 1, 64, 64, 2, 33, 7]])  # repeate
 LIBRARY_NOISE = ("`is_gradient_checkpointing` is deprecated",)
 # What PEFT warns about whenever lm_head (nn.Linear, tied to wte) is a target beside GPT-2's Conv1D
 # layers, for any file: it flips the one shared fan_in_fan_out for the other kind, and warns that
-# the target is tied to the embedding. Not avoidable from the adapter's side (peft.py's docstring).
+# the target is tied to the embedding. Not avoidable from the adapter's side (peft.py's docstring);
+# with lm_head alone, only the second.
 LM_HEAD_WARNINGS = ("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`",
                     "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter")
 
@@ -160,6 +164,64 @@ def test_peft_loads_the_export_without_a_warning_when_the_head_has_no_adapter(tm
     ml.export_peft(model, tmp_path / "peft")
     _, said = peft_logits(base_folder, tmp_path / "peft")
     assert said == []
+
+
+def test_peft_loads_an_lm_head_only_export_without_the_fan_in_fan_out_warning(tmp_path, base_folder):
+    """lm_head is an nn.Linear: a fan_in_fan_out of true (right for GPT-2's Conv1D) made PEFT
+    warn that it set it back to false; for lm_head alone export writes false."""
+    libs()
+    model = adapted(base_folder, targets=["lm_head"])
+    ml.export_peft(model, tmp_path / "peft")
+    logits, said = peft_logits(base_folder, tmp_path / "peft")
+    assert [w for w in said if not w.startswith(LM_HEAD_WARNINGS[1])] == []  # the tie alone
+    np.testing.assert_allclose(logits, model.forward(IDX), rtol=0, atol=F32_TOL)
+
+
+@pytest.mark.parametrize("targets, conv1d", [(["lm_head"], False), (["c_fc"], True), (["c_fc", "lm_head"], True)])
+def test_fan_in_fan_out_says_whether_a_conv1d_is_targeted(tmp_path, base_folder, targets, conv1d):
+    ml.export_peft(adapted(base_folder, targets=targets), tmp_path / "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] is conv1d
+
+
+def test_an_export_names_its_base_model_so_that_it_is_found_from_another_folder(tmp_path, base_folder,
+                                                                                 monkeypatch, capsys):
+    """A model loaded from a relative path ("tiny") was recorded as "tiny": read from any
+    other folder, the PEFT adapter named no model ("unknown model 'tiny'")."""
+    shutil.copytree(base_folder, tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    model = adapted("tiny")
+    ml.export_peft(model, "pfok")
+    config = json.loads((tmp_path / "pfok" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "tiny")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["export", "../pfok", "--merged", "--out", "m2"]) == 0
+    capsys.readouterr()
+    back = ml.GPTModel.from_pretrained("m2").eval()
+    np.testing.assert_allclose(back.forward(IDX), model.forward(IDX), rtol=0, atol=F32_TOL)
+
+
+def test_export_with_a_base_model_not_found_says_where_its_name_came_from(tmp_path, base_folder, monkeypatch,
+                                                                          capsys):
+    folder = peft_folder(tmp_path, base_folder)
+    edit_config(folder, base_model_name_or_path="tiny")  # relative to wherever PEFT ran
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(folder), "--merged", "--out", "m2"]) == 1
+    line = error_line(capsys)
+    assert line.startswith("minilora export: error: unknown model 'tiny'")
+    assert line.endswith(f"(the base model recorded in {folder}; pass --model to say where it is)")
+    assert not (tmp_path / "m2").exists()
+
+
+def test_numpy_scalar_settings_export(tmp_path, base_folder):
+    """apply_lora takes NumPy numbers; json.dumps does not write them (TypeError: float32)."""
+    model = adapted(base_folder, rank=np.int64(2), alpha=np.float32(2.5), dropout=np.float32(0.25),
+                    targets=["c_fc"])
+    ml.export_peft(model, tmp_path / "peft")
+    back = ml.GPTModel.from_pretrained(base_folder).eval()
+    config = mpeft.load_peft_adapter(back, tmp_path / "peft")
+    assert (config["rank"], config["alpha"], config["dropout"]) == (2, 2.5, 0.25)  # lora_alpha = s * r, s = 2.5 / 2
+    np.testing.assert_array_equal(back.forward(IDX), model.forward(IDX))
 
 
 # ---------------------------------------------------------------------------- PEFT -> minilora
@@ -458,6 +520,100 @@ def test_what_minilora_cannot_read_exactly_is_refused_in_one_line(tmp_path, base
     assert model.lora is None and model.trainable == list(before)
     assert_unchanged(model, before)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files  # nothing written
+
+
+# PEFT's config as a whole: each key of the types LoraConfig declares, each regular expression one
+# Python reads; else one line naming adapter_config.json and the key (once: re.error and TypeError
+# tracebacks, or a shape error blaming the tensor file)
+CONFIG_TYPES = {
+    "rank_pattern key not a regex": ({"rank_pattern": {"c_fc[": 4}}, "rank_pattern.c_fc[",
+                                     "not a regular expression Python reads (unterminated character set)"),
+    "rank_pattern value a string": ({"rank_pattern": {"mlp.c_fc": "2"}}, "rank_pattern.mlp.c_fc",
+                                    'expected an integer >= 1, found "2"'),
+    "alpha_pattern value 0": ({"alpha_pattern": {"lm_head": 0}}, "alpha_pattern.lm_head",
+                              "expected a finite number > 0, found 0"),
+    "layers_to_transform a string": ({"layers_to_transform": "0"}, "layers_to_transform",
+                                     "expected an integer >= 0 or a list of them, or null; found '0'"),
+    "layers_pattern a number": ({"layers_to_transform": [0], "layers_pattern": 5}, "layers_pattern",
+                                "expected a string or a list of them, or null; found 5"),
+    "layers_pattern not a regex": ({"layers_to_transform": [0], "layers_pattern": "h["}, "layers_pattern",
+                                   "not a regular expression Python reads"),
+    "exclude_modules a number": ({"exclude_modules": 5}, "exclude_modules",
+                                 "expected a string or a list of them, or null; found 5"),
+    "target_modules numbers": ({"target_modules": ["c_fc", 3]}, "target_modules",
+                               "expected a string or a list of them, or null; found ['c_fc', 3]"),
+    "target_modules not a regex": ({"target_modules": "(c_attn"}, "target_modules",
+                                   "not a regular expression Python reads"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_TYPES, ids=list(CONFIG_TYPES))
+def test_a_peft_config_of_the_wrong_types_is_refused_naming_the_key(tmp_path, base_folder, case):
+    change, key, problem = CONFIG_TYPES[case]
+    folder = peft_folder(tmp_path, base_folder)
+    edit_config(folder, **change)
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    model = ml.GPTModel.from_pretrained(base_folder)
+    before = snapshot(model)
+    with pytest.raises(mpeft.PeftError) as e:
+        ml.load_adapter(model, folder)
+    message = one_line(str(e.value))
+    assert message.startswith(f"{folder / 'adapter_config.json'}: {key}: {problem}"), message
+    assert model.lora is None and model.trainable == list(before)
+    assert_unchanged(model, before)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
+
+
+def test_generate_with_a_peft_pattern_that_is_no_regex_is_one_line(tmp_path, base_folder, capsys):
+    folder = peft_folder(tmp_path, base_folder)
+    edit_config(folder, rank_pattern={"c_fc[": 4})
+    assert main(["generate", "--adapter", str(folder), "--model", str(base_folder), "--offline", "Hi"]) == 1
+    assert error_line(capsys).startswith(f"minilora generate: error: {folder / 'adapter_config.json'}: "
+                                         f"rank_pattern.c_fc[: not a regular expression")
+
+
+def test_a_float16_copy_of_the_token_table_is_compared_in_float16(tmp_path, base_folder):
+    """PEFT saves lm_head.base_layer.weight in the dtype the model was trained in: a
+    float16 GPT-2's copy is this wte rounded to float16 (the same table, refused before
+    as "max difference 3.05e-05"), and one float16 step off is another table."""
+    folder = peft_folder(tmp_path, base_folder)
+    wte = load_file(base_folder / "model.safetensors")["wte.weight"]
+    copy = wte.astype(np.float16)
+    assert not np.array_equal(copy.astype(np.float32), wte)  # the rounding is real
+    edit_tensors(folder, lambda t: t.update({W + "lm_head.base_layer.weight": copy}))
+    model = ml.GPTModel.from_pretrained(base_folder)
+    mpeft.load_peft_adapter(model, folder)
+    assert "lm_head" in model.lora.targets
+
+    off = copy.copy()
+    off[3, 5] = np.nextafter(off[3, 5], np.float16(1))
+    edit_tensors(folder, lambda t: t.update({W + "lm_head.base_layer.weight": off}))
+    model = ml.GPTModel.from_pretrained(base_folder)
+    with pytest.raises(mpeft.PeftError, match="differs from this model's wte \\(max difference .* in float16\\)"):
+        mpeft.load_peft_adapter(model, folder)
+    assert model.lora is None
+
+
+def test_a_peft_adapter_trained_on_a_float16_gpt2_with_lm_head_loads(tmp_path, base_folder):
+    """The real PEFT file of the issue: GPT2LMHeadModel in float16, c_attn and lm_head
+    targeted; its lm_head.base_layer.weight is float16. A float32 minilora model loads it
+    and keeps its own float32 wte (equal to the copy in float16), so its logits are PEFT's
+    with the same adapter on the float32 base: compared without the copy, which PEFT
+    would load into the tied table, rounding wte to float16 (~5e-5 on these logits)."""
+    torch, transformers, peft = libs()
+    hf16 = transformers.GPT2LMHeadModel.from_pretrained(str(base_folder), dtype=torch.float16)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "lm_head"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the lm_head warnings of LM_HEAD_WARNINGS
+        peft.get_peft_model(hf16, config).save_pretrained(str(tmp_path / "peft"))
+    assert load_file(tmp_path / "peft" / "adapter_model.safetensors")[
+        W + "lm_head.base_layer.weight"].dtype == np.float16
+    model = ml.GPTModel.from_pretrained(base_folder).eval()
+    ml.load_adapter(model, tmp_path / "peft")
+    alone = shutil.copytree(tmp_path / "peft", tmp_path / "adapter-alone")
+    edit_tensors(alone, lambda t: t.pop(W + "lm_head.base_layer.weight"))
+    logits, _ = peft_logits(base_folder, alone)
+    np.testing.assert_allclose(model.forward(IDX), logits, rtol=0, atol=F32_TOL)
 
 
 def test_the_damaged_folders_are_complete_without_the_damage(tmp_path, base_folder):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from minilora import cli
 from minilora import finetune as finetune_mod
@@ -121,9 +122,14 @@ def test_resume_of_a_folder_that_holds_no_run_says_where_it_looked(offline, tiny
 
 
 def test_a_fresh_run_in_a_folder_of_other_files_is_refused(offline, tiny_checkpoint, tmp_path, capsys):
+    """Another tool's lock file and a partial download (a name like minilora's temporaries)
+    beside the user's notes: the folder is refused before anything in it is locked or
+    cleaned (both files used to be deleted, 'Removed .video.mp4.abcd1234.part' printed)."""
     data, out = write_csv(tmp_path / "d.csv"), tmp_path / "x"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    (out / LOCK_FILE).write_text('{"other": "tool lock"}\n')
+    (out / ".video.mp4.abcd1234.part").write_text("partial")
     before = snapshot(out)
     line = refused(capsys, finetune(tiny_checkpoint, data, out), out, before, "notes.txt",
                    f"holds no run ({out / RUN_CONFIG_FILE} is missing)", "--output-dir")
@@ -217,6 +223,47 @@ def test_a_run_folder_from_before_the_data_was_recorded_resumes_unchecked(offlin
     assert extended == {**saved, "epochs": 2}  # still nothing recorded: the run's first data is not known
 
 
+def test_a_resume_refused_when_its_base_model_loads_leaves_the_run_as_it_was(offline, tiny_checkpoint, tmp_path,
+                                                                           capsys):
+    """The base model is read after the run folder's checks: --resume --epochs 3 on a run
+    whose base model file now holds a NaN is refused then, and run_config.json keeps the
+    run's 1 epoch (it used to say 3 already, while the checkpoint held 1)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    data, out = finished_run(model, tmp_path)
+    weights_file = model / "model.safetensors"
+    weights = load_file(str(weights_file))
+    weights["h.0.attn.c_attn.bias"] = np.full_like(weights["h.0.attn.c_attn.bias"], np.nan)
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    before = snapshot(out)
+    refused(capsys, finetune(model, data, out, "--epochs", 3, "--resume"), out, before,
+            f"{weights_file}: h.0.attn.c_attn.bias holds NaN")
+    assert json.loads((out / RUN_CONFIG_FILE).read_text())["epochs"] == 1
+
+
+def test_a_resume_that_loads_records_its_new_epochs(offline, tiny_checkpoint, tmp_path, capsys):
+    data, out = finished_run(tiny_checkpoint, tmp_path)
+    capsys.readouterr()
+    assert finetune(tiny_checkpoint, data, out, "--epochs", 2, "--resume") == 0
+    assert f"Extending the run in {out} from 1 to 2 epochs" in capsys.readouterr().out
+    assert json.loads((out / RUN_CONFIG_FILE).read_text())["epochs"] == 2
+
+
+def test_a_run_folder_from_before_max_length_resumes(offline, tiny_checkpoint, tmp_path):
+    """run_config.json as minilora wrote it before e5b003d (git show e5b003d^:minilora/finetune.py):
+    no max_length (texts were padded to the longest training text, what max_length None
+    does now), no batching, no data_sha256 or class_names. It was refused as "max_length:
+    missing"."""
+    data, out = finished_run(tiny_checkpoint, tmp_path)
+    cfg_path = out / RUN_CONFIG_FILE
+    saved = json.loads(cfg_path.read_text())
+    assert saved["max_length"] is None  # what the run ran with: the rule older versions had
+    for key in ("max_length", "batching", "data_sha256", "class_names"):
+        del saved[key]
+    cfg_path.write_text(json.dumps(saved))
+    assert finetune(tiny_checkpoint, data, out, "--epochs", 2, "--resume") == 0
+
+
 @pytest.mark.parametrize("content, says", [
     ("[1, 2]", "the file: expected an object"),
     ('{"rank": "4"}', 'rank: expected an integer, found "4"'),
@@ -277,6 +324,15 @@ def test_instruct_resume_on_changed_data_is_refused(offline, eot_checkpoint, tmp
     refused(capsys, rc, out, before, f"--resume: {data} changed since the run in {out} started")
 
 
+def test_instruct_resume_records_its_new_epochs_once_it_loads(offline, eot_checkpoint, tmp_path, capsys):
+    data, out = write_instructions(tmp_path / "mine.json", n=12), tmp_path / "run"  # 2 steps an epoch
+    assert cli.main(instruct_args(eot_checkpoint, data, out)) == 0
+    capsys.readouterr()
+    assert cli.main(instruct_args(eot_checkpoint, data, out, "--epochs", 2, "--resume")) == 0
+    assert f"Extending the run in {out} from 1 to 2 epochs" in capsys.readouterr().out
+    assert json.loads((out / RUN_CONFIG_FILE).read_text())["epochs"] == 2
+
+
 # ----------------------------------------------------------------------------- one job at a time
 
 
@@ -290,6 +346,7 @@ GATED_RUN = textwrap.dedent("""
     gate, real_step = Path(sys.argv[1]), train.train_step
 
     def gated_step(*args, **kwargs):
+        gate.with_suffix(".reached").touch()  # everything before the first step is written
         while not gate.exists():
             time.sleep(0.01)
         return real_step(*args, **kwargs)
@@ -319,6 +376,10 @@ def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_first(offline, ti
     try:
         holder = wait_for_holder(out / LOCK_FILE, first)
         assert holder["pid"] == first.pid
+        deadline = time.monotonic() + 60  # the first run writes run_config.json and more before its first step
+        while not gate.with_suffix(".reached").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never reached its first step"
+            time.sleep(0.05)
         before = snapshot(out)
         second = subprocess.run([sys.executable, "-m", "minilora", *args], capture_output=True, text=True,
                                 timeout=120)
@@ -379,15 +440,32 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_and_said(offline, tiny_checkp
     assert not (out / LOCK_FILE).exists() and (out / "metrics.json").is_file()
 
 
-def test_a_lock_naming_another_host_is_left_alone(offline, tiny_checkpoint, tmp_path, capsys):
-    data, out = write_csv(tmp_path / "d.csv"), tmp_path / "run"
-    out.mkdir()
-    (out / LOCK_FILE).write_text(json.dumps({"job": "minilora finetune", "pid": 4321, "host": "another-machine",
+def test_a_free_lock_naming_another_host_is_taken_over_and_said(offline, tiny_checkpoint, tmp_path, capsys):
+    """Docker gives a container a new host name each time it starts: a run killed in one
+    container and resumed in the next finds its lock under another name. The lock is free
+    (no process holds it), so it is taken over, the line naming the host it came from; it
+    used to say 'delete .lock' on every run although nothing held it."""
+    data, out = finished_run(tiny_checkpoint, tmp_path)
+    (out / LOCK_FILE).write_text(json.dumps({"job": "minilora finetune", "pid": 4321, "host": "3f2a9c1b7d0e",
                                              "started": "2024-01-02T03:04:05+00:00"}))
+    capsys.readouterr()
+    assert finetune(tiny_checkpoint, data, out, "--epochs", 2, "--resume") == 0
+    printed = capsys.readouterr().out
+    assert f"{out} was locked by minilora finetune, pid 4321 on host 3f2a9c1b7d0e, since 2024-01-0" in printed
+    assert "the lock is free" in printed and "taking the lock over" in printed
+    assert not (out / LOCK_FILE).exists() and json.loads((out / "metrics.json").read_text())["resumed"] is True
+
+
+def test_a_lock_file_of_another_program_is_refused_and_left_as_it_is(offline, tiny_checkpoint, tmp_path, capsys):
+    """An empty folder but for another tool's .lock: minilora used to overwrite it with its
+    holder and then delete it when the run ended."""
+    data, out = write_csv(tmp_path / "d.csv"), tmp_path / "proj"
+    out.mkdir()
+    (out / LOCK_FILE).write_text('{"other": "tool lock"}\n')
     before = snapshot(out)
     refused(capsys, finetune(tiny_checkpoint, data, out), out, before,
-            f"{out} is locked by minilora finetune, pid 4321 on host another-machine",
-            f"if it is no longer running there, delete {out / LOCK_FILE}")
+            f"{out / LOCK_FILE}: job: missing", "not the lock file of a minilora job",
+            "choose another --output-dir")
 
 
 def test_the_lock_goes_with_ctrl_c_and_the_run_resumes(offline, tiny_checkpoint, tmp_path, monkeypatch):

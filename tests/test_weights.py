@@ -9,7 +9,8 @@ import pytest
 
 import minilora as ml
 from minilora.download import DownloadError
-from minilora.weights import CheckpointError, save_pretrained, write_checkpoint
+from minilora.export import export_merged
+from minilora.weights import CheckpointError, read_heads, save_pretrained, write_checkpoint
 
 CFG = ml.GPTConfig(vocab_size=19, context_length=9, emb_dim=12, n_heads=3, n_layers=2)
 
@@ -94,6 +95,7 @@ def test_missing_extra_and_misshapen_tensors_are_listed(tmp_path):
     with pytest.raises(CheckpointError) as e:
         ml.GPTModel.from_pretrained(hf_folder(tmp_path, params))
     msg = str(e.value)
+    assert "\n" not in msg  # one line, as every error the command line prints
     assert "missing (1): h.1.mlp.c_fc.bias" in msg
     assert "unexpected (1): h.0.extra.weight" in msg
     assert "wrong shape (1): h.0.ln_2.weight (5,) != (12,)" in msg
@@ -117,6 +119,7 @@ def test_config_that_disagrees_with_the_tensors(tmp_path):
     bad = {**ml.weights.config_to_hf(CFG), "n_embd": 24, "n_layer": 3}
     with pytest.raises(CheckpointError) as e:
         ml.GPTModel.from_pretrained(hf_folder(tmp_path, config=bad))
+    assert "\n" not in str(e.value)
     assert "emb_dim: config says 24, tensors say 12" in str(e.value)
     assert "n_layers: config says 3, tensors say 2" in str(e.value)
 
@@ -154,3 +157,72 @@ def test_model_url_downloads_weights_and_config(empty_minilora_home, local_http_
     requests = len(local_http_server.requests)
     ml.GPTModel.from_pretrained(url, dtype="float64", offline=True)  # from the cache, no request
     assert len(local_http_server.requests) == requests
+
+
+# ---------------------------------------------------------------------------- what save_pretrained writes
+
+
+def merged(tmp_path, name, classes=None, targets="all"):
+    """The folder of a merged export (minilora.export) of a CFG model with LoRA (random B, so
+    that the adapters change the weights): a classifier's with out_head.*, else an untied LM
+    head when the head carries an adapter."""
+    model = ml.GPTModel.from_pretrained(hf_folder(tmp_path, name=name + "-base"), dtype="float64")
+    if classes:
+        model.replace_head(classes)
+    ml.apply_lora(model, rank=2, alpha=2, targets=targets)
+    rng = np.random.default_rng(3)
+    for n in model.lora.param_names:
+        if n.endswith("lora_B"):
+            model.params[n][...] = rng.normal(0, 0.1, model.params[n].shape)
+    return export_merged(model, tmp_path / name)
+
+
+@pytest.mark.parametrize("classes", [None, 2], ids=["untied language model", "classifier"])
+def test_a_merged_model_read_back_saves_as_the_same_model(tmp_path, classes):
+    """Before: an untied head was refused ("unmerge_lora(model) before save_pretrained", with
+    no LoRA to unmerge) and a classifier's out_head.* dropped, written as a language model."""
+    model = ml.GPTModel.from_pretrained(merged(tmp_path, "merged", classes), dtype="float64")
+    assert model.lora is None and ("out_head.weight" if classes else "lm_head.weight") in model.params
+    save_pretrained(model, tmp_path / "again")
+    again = ml.GPTModel.from_pretrained(tmp_path / "again", dtype="float64")
+    assert list(again.params) == list(model.params)
+    np.testing.assert_array_equal(again.forward(IDX), model.forward(IDX))
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config.get("tie_word_embeddings", True) is (classes is not None)
+    assert ("minilora" in config) is (classes is not None)
+
+
+@pytest.mark.parametrize("classes", [None, 2], ids=["untied language model", "classifier"])
+def test_save_pretrained_and_export_merged_write_the_same_files(tmp_path, classes):
+    """One writer of the Hub's layout: a model without adapters comes out the same either way."""
+    model = ml.GPTModel.from_pretrained(merged(tmp_path, "merged", classes), dtype="float64")
+    save_pretrained(model, tmp_path / "saved")
+    export_merged(model, tmp_path / "exported")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "saved" / name).read_bytes() == (tmp_path / "exported" / name).read_bytes()
+
+
+def test_save_pretrained_refuses_merged_adapters_naming_both_ways_out(tmp_path):
+    """Merged adapters on attention only: once written silently as if they were the base weights."""
+    model = ml.GPTModel.from_pretrained(hf_folder(tmp_path), dtype="float64")
+    ml.apply_lora(model, rank=2, alpha=2, targets="attention")
+    ml.merge_lora(model)
+    with pytest.raises(CheckpointError) as e:
+        save_pretrained(model, tmp_path / "out")
+    message = str(e.value)
+    assert "\n" not in message and "unmerge_lora(model)" in message and "export_merged(model, folder)" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_heads_tells_what_a_checkpoint_holds_without_reading_its_weights(tmp_path, empty_minilora_home,
+                                                                               monkeypatch):
+    monkeypatch.setenv("MINILORA_OFFLINE", "1")
+    assert read_heads("gpt2-small") == ()  # a preset: GPT-2's tied head, and no download
+    assert read_heads(hf_folder(tmp_path)) == ()
+    params = random_params(CFG)
+    params["lm_head.weight"] = params["wte.weight"]  # a tied copy some exports store: wte is the head
+    assert read_heads(hf_folder(tmp_path, params, name="tied-copy")) == ()
+    assert read_heads(merged(tmp_path, "lm")) == ("lm_head.weight",)
+    assert read_heads(merged(tmp_path, "classifier", classes=2)) == ("out_head.weight", "out_head.bias")
+    monkeypatch.setattr(ml.weights, "load_pretrained", lambda *a, **k: pytest.fail("weights read"))
+    assert read_heads(tmp_path / "lm" / "model.safetensors") == ("lm_head.weight",)
