@@ -164,8 +164,10 @@ class GPTModel:
         +-1/sqrt(emb_dim). The new parameters are trainable like every other one
         (apply_lora then freezes them, as the book does).
         """
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+            # one class has nothing to tell apart, and its adapter would not load back (the
+            # adapter config asks for 2 or more)
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(self.cfg.emb_dim)
         self.params["out_head.weight"] = self._to_model(rng.uniform(-bound, bound, (self.cfg.emb_dim, num_classes)))

@@ -542,3 +542,12 @@ def test_another_format_under_the_old_name_is_named(adapter):
         read_adapter(adapter)
     message = one_line(e)
     assert names_file_and_key(message, adapter / OLD_CONFIG_FILE, "format") and "other-lora/3" in message
+
+
+@pytest.mark.parametrize("num_classes", [1, 0, 2.5, True])
+def test_a_head_of_fewer_than_two_classes_is_refused(tiny_cfg, num_classes):
+    """A 1-class head used to be built, saved, and then refused by load_adapter (num_classes >= 2)."""
+    model = ml.GPTModel(tiny_cfg, seed=0)
+    with pytest.raises(ValueError, match=r"^num_classes must be an integer >= 2, got "):
+        model.replace_head(num_classes)
+    assert "out_head.weight" not in model.params
