@@ -45,3 +45,24 @@ def tiny_cfg():
 @pytest.fixture
 def tiny_idx():
     return np.array([[1, 3, 3, 0, 10], [3, 7, 1, 1, 3]])  # repeated ids on purpose
+
+
+@pytest.fixture(autouse=True)
+def python_signal_handlers():
+    """Every test starts with Python's own Ctrl-C and SIGTERM handlers, and they are put back
+    after it: the training loop marks a signal only where the handler in place is a Python
+    function (train.interrupts_between_steps), so a handler a library or an earlier test left
+    behind (SIG_IGN, or another loop's) would make the real-signal tests of a later test pass
+    or fail by the order they run in."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
