@@ -30,14 +30,13 @@ import os
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 import minilora as ml
 from minilora import backend
-from minilora.bench import adapter_products, own_peak_rss
+from minilora.bench import adapter_products, own_peak_rss, products_floor_fn
 from minilora.layers import masked_cross_entropy_backward, masked_cross_entropy_forward
 from minilora.optim import AdamW
 
@@ -118,43 +117,11 @@ def matmul_flops(prods):
 
 
 def floor_fn(model, batch, seq, repeats=1):
-    """A function timing the step's products alone: seconds of one step's worth.
-
-    For each distinct (shapes, layouts): one operand set per batch shard (transposed
-    operands stored transposed, as the step's views are), that product called as many
-    times as one step calls it, the shards side by side as the step runs them
-    (backend.run_parallel: one BLAS thread each on 2 cores); then the set is freed.
-    The shortest of `repeats` timings of each shape is kept: noise only adds time."""
-    rng = np.random.default_rng(0)
-    shards = backend.batch_shards(batch, model.device)
-    counts = [Counter(lm_step_matmuls(model, s.stop - s.start, seq)) for s in shards]
-
-    def operand(shape, transposed):
-        stored = shape[:-2] + shape[-2:][::-1] if transposed else shape
-        a = rng.standard_normal(stored, dtype=np.float32)
-        return np.swapaxes(a, -1, -2) if transposed else a
-
-    def run_shard(a, b, n):
-        for _ in range(n):
-            a @ b
-
-    def run():
-        total = 0.0
-        for k in range(len(counts[0])):
-            items = []
-            for c in counts:  # the k-th shape of each shard (shards differ only in rows)
-                (a, b, ta, tb), n = list(c.items())[k]
-                items.append((operand(a, ta), operand(b, tb), n))
-            best = math.inf
-            for _ in range(repeats):
-                t = time.perf_counter()
-                backend.run_parallel(run_shard, items)
-                best = min(best, time.perf_counter() - t)
-            total += best
-            del items
-        return total
-
-    return run
+    """A function timing the step's products alone: seconds of one step's worth, as
+    minilora.bench times the classifier's (bench.products_floor_fn: one operand set per
+    distinct product at a time, the shards side by side, the shortest of `repeats`)."""
+    per_shard = [lm_step_matmuls(model, s.stop - s.start, seq) for s in backend.batch_shards(batch, model.device)]
+    return products_floor_fn(per_shard, repeats=repeats)
 
 
 def torch_step(cfg, batch, seq, seed=0):
