@@ -47,35 +47,38 @@ def lora_forward(x, A, B, scale, dropout_p=0.0, rng=None):
     """The low-rank path alone: delta = s * (dropout(x) @ A) @ B.
 
     x: (..., in); A: (in, r); B: (r, out); scale: float s.
-    Returns delta (..., out) and cache (x_d, A, B, xa, s, dropout mask), where
-    xa = x_d @ A is (..., r): tiny, so it is kept rather than recomputed.
+    Returns delta (..., out) and cache (x_d, A, B, s xa, s, dropout mask), where
+    xa = x_d @ A is (..., r): tiny, so it is kept rather than recomputed. The scale
+    rides on xa, the thin (N, r) bottleneck, rather than on the (N, out) delta: the same
+    product, one pass over r columns instead of out, and the backward's dB = (s xa)^T dout
+    then needs no multiply of its own.
     """
     x_d, drop_cache = dropout_forward(x, dropout_p, rng)
     lead = x.shape[:-1]
-    xa = x_d.reshape(-1, A.shape[0]) @ A  # [N, in] @ [in, r] -> [N, r], N = prod(lead)
-    delta = xa @ B  # [N, r] @ [r, out] -> [N, out]
-    delta *= delta.dtype.type(scale)
-    return delta.reshape(*lead, B.shape[1]), (x_d, A, B, xa, scale, drop_cache)
+    xa_s = x_d.reshape(-1, A.shape[0]) @ A  # [N, in] @ [in, r] -> [N, r], N = prod(lead)
+    xa_s *= xa_s.dtype.type(scale)  # s xa
+    delta = xa_s @ B  # [N, r] @ [r, out] -> [N, out]
+    return delta.reshape(*lead, B.shape[1]), (x_d, A, B, xa_s, scale, drop_cache)
 
 
 def lora_backward(dout, cache, need_dx=True):
     """Gradients of delta = s * (x_d @ A) @ B, with g = s * dout @ B^T of shape (..., r),
     the gradient at the bottleneck x_d A (the scale s is folded into g, as the code does):
 
-      dB = s * (x_d A)^T dout        (r, out)   summed over every row
+      dB = s * (x_d A)^T dout        (r, out)   summed over every row; s xa is in the cache
       dA = x_d^T g                   (in, r)
       dx = g A^T                     (..., in)  then through the dropout mask
     Going through the rank-r bottleneck first (g, then g A^T) keeps every product
     thin: no (in, out) matrix is ever formed. need_dx=False skips dx (None).
     Derivation: docs/derivations.md#lora.
     """
-    x_d, A, B, xa, scale, drop_cache = cache
+    x_d, A, B, xa_s, scale, drop_cache = cache
     n_in, r = A.shape
     n_out = B.shape[1]
-    s = dout.dtype.type(scale)
     d2 = dout.reshape(-1, n_out)  # [N, out]
-    dB = (xa.T @ d2) * s  # [r, N] @ [N, out] -> [r, out]
-    g = (d2 @ B.T) * s  # [N, out] @ [out, r] -> [N, r]
+    dB = xa_s.T @ d2  # [r, N] @ [N, out] -> [r, out]
+    g = d2 @ B.T  # [N, out] @ [out, r] -> [N, r]
+    g *= g.dtype.type(scale)
     dA = x_d.reshape(-1, n_in).T @ g  # [in, N] @ [N, r] -> [in, r]
     if not need_dx:  # nothing upstream trains: skip dx (returned as None)
         return None, dA, dB

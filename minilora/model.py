@@ -263,7 +263,8 @@ class GPTModel:
                 continue
             delta, c = lora_forward(x, p[ad.prefix + ".lora_A"], p[ad.prefix + ".lora_B"], ad.scale,
                                     self.lora.dropout, rng)
-            y[..., ad.cols] += delta
+            y_cols = y[..., ad.cols]  # a view (basic slicing): `y[..., cols] += delta` would also
+            y_cols += delta  # write the sum back through __setitem__, a second pass
             lora_caches.append((ad, c))
         return y, (w_name, cache, lora_caches)
 
