@@ -14,7 +14,8 @@ This is the fast path. ``minilora/reference.py`` computes the same math in the p
 NumPy (the spec), ``docs/derivations.md`` derives every backward step by step, and
 tests/test_reference.py holds the model built from these layers equal to the reference.
 Where a layer here departs from the reference's lines for speed (a 2-D product, work
-done in place, a statistic recomputed or kept), a comment says which and why.
+done in place, a statistic recomputed or kept, a constant made once), a comment says which
+and why.
 
 References: karpathy/llm.c ``train_gpt2.c`` and ``doc/layernorm``, CS231n ``layers.py``,
 jaymody/picoGPT ``gpt2.py``. Shapes: B batch, T time, C channels, NH heads,
@@ -22,10 +23,53 @@ hs = C // NH head size, V vocabulary.
 """
 
 import math
+import threading
 
 import numpy as np
 
 from .backend import get_array_module
+
+# ---------------------------------------------------------------------------- constants
+
+# Small constant arrays (the causal mask, the q/k/v scale) made once and shared by every
+# later call: {(name, ..., dtype, array module, device): array}. A GPU would otherwise
+# launch the kernels that build them in every block of every step.
+_CONSTANTS = {}
+_CONSTANTS_LOCK = threading.Lock()  # the shards' threads look constants up at once
+
+
+def _device_key(xp):
+    """Which device xp's new arrays go to: CuPy's current device id, "cpu" for NumPy."""
+    cuda = getattr(xp, "cuda", None)
+    return "cpu" if cuda is None else cuda.Device().id
+
+
+def _shared(xp, host):
+    """The host array `host` as xp's array (moved to the device under CuPy, once), made
+    read-only on NumPy so that no caller can write into a constant others share."""
+    value = xp.asarray(host)
+    if isinstance(value, np.ndarray):
+        value.flags.writeable = False
+    return value
+
+
+def _constant(key, xp, make, keep=None):
+    """The shared constant `key` (a tuple, its name first) for xp and its current device:
+    make() (a host NumPy array) the first time, the same array after. Built on the host,
+    so under opcount a steady step counts no operation for it (a GPU's first step copies
+    it over once). keep: at most this many constants of that name stay, the oldest made
+    dropped first (masks of many sequence lengths would otherwise pile up)."""
+    key = (*key, xp, _device_key(xp))
+    value = _CONSTANTS.get(key)
+    if value is None:
+        with _CONSTANTS_LOCK:
+            value = _CONSTANTS.get(key)
+            if value is None:
+                value = _CONSTANTS[key] = _shared(xp, make())
+                same_name = [k for k in _CONSTANTS if k[0] == key[0]]  # oldest first
+                for old in same_name[:-keep] if keep else ():
+                    del _CONSTANTS[old]
+    return value
 
 # ---------------------------------------------------------------------------- embedding
 
@@ -104,26 +148,29 @@ def linear_backward(dout, cache, need_dx=True, need_dw=True, need_db=True):
 def layernorm_forward(x, w, b, eps=1e-5):
     """LayerNorm over the last axis: y = (x - mean) * rstd * w + b.
 
-    x: (..., C); w, b: (C,). rstd = 1 / sqrt(var + eps), var the biased variance.
-    reference.layernorm_forward is the one line (x - mean) * rstd * w + b; here the same
-    arithmetic runs in place in the output's buffer, one (..., C) array instead of four.
-    The cache holds x, w and the small statistics (mean, rstd), and the backward
-    recomputes n = (x - mean) * rstd, as reference.layernorm_backward(dy, x, w, mean,
-    rstd) does. The backward needs only n, w, rstd, so caching n instead of x would cost
-    the same memory (both (..., C)); recomputing n saves memory only where x is kept
-    alive anyway, as in llm.c. Here nothing else keeps x (each residual x = x + a is a
-    new array), so the choice costs one elementwise pass and saves nothing: it keeps
-    the cache the reference's (docs/derivations.md#layernorm).
+    x: (..., C); w, b: (C,). rstd = (var + eps) ** -0.5, var the biased variance.
+    Returns y and cache (n, w, mean, rstd): n = (x - mean) * rstd (..., C), mean and
+    rstd (..., 1).
+
+    Departures from reference.layernorm_forward (the one line (x - mean) * rstd * w + b):
+    the steps run in two (..., C) buffers, n and y, instead of making a new array at each
+    operator; rstd is one power (var + eps) ** -0.5 rather than 1 / sqrt(var + eps), one
+    operation fewer. And the cache holds n, not x as reference.layernorm_backward(dy, x, w,
+    mean, rstd) takes it, so the backward does not recompute n (two operations fewer).
+    That costs no memory: n and x are both (..., C), and nothing else keeps this x alive
+    (each residual x = x + a is a new array that only the next LayerNorm reads), so x is
+    freed where its cache used to keep it. (llm.c recomputes n because its activation
+    buffer keeps every x anyway.) mean is not needed by the backward; it stays in the
+    cache, one number per row, as the statistic docs/derivations.md#layernorm prints.
     """
-    xp = get_array_module(x)
     mean = x.mean(axis=-1, keepdims=True)  # [..., 1]
-    y = x - mean  # [..., C], centred; becomes the output in place
-    var = (y * y).mean(axis=-1, keepdims=True)  # [..., 1]
-    rstd = 1.0 / xp.sqrt(var + eps)  # [..., 1], stays in x's dtype
-    y *= rstd
-    y *= w
+    n = x - mean  # [..., C], centred; normalized in place below
+    var = (n * n).mean(axis=-1, keepdims=True)  # [..., 1]
+    rstd = (var + eps) ** -0.5  # [..., 1], stays in x's dtype
+    n *= rstd
+    y = n * w
     y += b
-    return y, (x, w, mean, rstd)
+    return y, (n, w, mean, rstd)
 
 
 def layernorm_backward(dout, cache, need_dparams=True):
@@ -134,25 +181,23 @@ def layernorm_backward(dout, cache, need_dparams=True):
       dw = sum over rows of dout * n
       db = sum over rows of dout
     The two mean terms come from mean and rstd depending on every x in the row
-    (derivation: docs/derivations.md#layernorm). The steps of dx reuse the buffers of dn
-    and n: four (..., C) arrays in all (n, dn, dn * n and dout * n for dw), where the one
-    expression of reference.layernorm_backward makes nine.
+    (derivation: docs/derivations.md#layernorm). n comes from the cache (the forward's);
+    the steps of dx run in dn's buffer and one more, n * mean(dn * n), a new array so that
+    the cached n stays as it is: four (..., C) arrays in all (dn, dn * n, that product and
+    dout * n for dw), where the one expression of reference.layernorm_backward makes nine.
     need_dparams=False (frozen w, b) returns None for dw and db without computing them.
     """
-    x, w, mean, rstd = cache
-    C = x.shape[-1]
-    n = x - mean
-    n *= rstd  # recomputed from x, see the forward
+    n, w, _, rstd = cache
+    C = n.shape[-1]
     dn = dout * w
-    dn_n = dn * n
     dw = db = None
     if need_dparams:
         dw = (dout * n).reshape(-1, C).sum(axis=0)
         db = dout.reshape(-1, C).sum(axis=0)
-    # dx = rstd * (dn - mean(dn) - n * mean(dn * n)), in dn's and n's buffers
-    n *= dn_n.mean(axis=-1, keepdims=True)
+    # dx = rstd * (dn - mean(dn) - n * mean(dn * n)), in dn's buffer
+    n_term = n * (dn * n).mean(axis=-1, keepdims=True)  # a new array: n is the cache's
     dn -= dn.mean(axis=-1, keepdims=True)
-    dn -= n
+    dn -= n_term
     dn *= rstd
     return dn, dw, db
 
@@ -160,49 +205,52 @@ def layernorm_backward(dout, cache, need_dparams=True):
 # ---------------------------------------------------------------------------- GELU
 
 _GELU_K = math.sqrt(2.0 / math.pi)
+_GELU_C = 0.044715
 
 
 def gelu_forward(x):
     """GELU, tanh form (GPT-2's): y = 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi).
 
-    Cache: x and t = tanh(k (x + 0.044715 x^3)). tanh is the costly part of both
-    passes, so it is kept rather than recomputed (reference.gelu_backward recomputes
-    it). The arithmetic runs in place in two buffers: these arrays are the biggest of a
-    block (B, T, 4C).
+    Cache: x and q = 0.5 (1 + t), t = tanh(u), u = k (x + 0.044715 x^3), so y = x q.
+    Departures from reference.gelu_forward, for speed: u is built as
+    x (k + k 0.044715 x^2) with the constants multiplied together beforehand (four
+    operations, x*x*x not x**3: a float power is a slow path), and the steps run in place
+    in two buffers, q and y: these arrays are the biggest of a block (B, T, 4C). tanh is
+    the costly part of both passes, so its result is kept (reference.gelu_backward
+    recomputes it); kept as q rather than t because both y and the derivative read it
+    (1 - t^2 = 4 q (1 - q)): an operation fewer in each pass.
     """
     xp = get_array_module(x)
-    t = x * x  # x*x*x, not x**3: a float power is a slow path
-    t *= 0.044715
-    t += 1.0
-    t *= x
-    t *= _GELU_K
-    xp.tanh(t, out=t)  # t = tanh(k (x + 0.044715 x^3))
-    y = t + 1.0
-    y *= x
-    y *= 0.5
-    return y, (x, t)
+    q = x * x
+    q *= _GELU_K * _GELU_C
+    q += _GELU_K
+    q *= x  # u = k x + k 0.044715 x^3
+    xp.tanh(q, out=q)  # t
+    q *= 0.5
+    q += 0.5  # q = 0.5 (1 + t)
+    y = x * q
+    return y, (x, q)
 
 
 def gelu_backward(dout, cache):
     """Derivative of y = 0.5 x (1 + t), t = tanh(u), u = k (x + 0.044715 x^3):
 
       dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2)
-            = 0.5 (1 + t + x (1 - t^2) k (1 + 3 * 0.044715 x^2))
+            = q + q (1 - q) x (2k + 6 * 0.044715 k x^2)     with q = 0.5 (1 + t)
       dx = dout * dy/dx
-    Derivation: docs/derivations.md#gelu.
+    The second line is the first with the cache's q: 0.5 (1 - t^2) = 2 q (1 - q), and the
+    factor 2 and k folded into the constants (one operation each fewer than the first
+    line). Derivation: docs/derivations.md#gelu.
     """
-    x, t = cache
-    xp = get_array_module(x)
+    x, q = cache
     g = x * x
-    g *= 3 * 0.044715 * _GELU_K
-    g += _GELU_K
-    g *= x  # x k (1 + 3 * 0.044715 x^2)
-    one_minus_t2 = t * t
-    xp.subtract(1.0, one_minus_t2, out=one_minus_t2)
-    g *= one_minus_t2
-    g += t
-    g += 1.0
-    g *= 0.5  # dy/dx
+    g *= 6 * _GELU_C * _GELU_K
+    g += 2 * _GELU_K
+    g *= x  # x (2k + 6 * 0.044715 k x^2)
+    q_1mq = 1.0 - q
+    q_1mq *= q  # q (1 - q) = (1 - t^2) / 4
+    g *= q_1mq
+    g += q  # dy/dx
     g *= dout
     return (g,)
 
@@ -263,12 +311,28 @@ def dropout_backward(dout, cache):
 # ---------------------------------------------------------------------------- attention
 
 
-def causal_mask(query_pos, T, dtype, xp):
-    """Additive mask (B or 1, 1, Tq, T): -inf where key j lies after its query's position
-    (query_pos (B or 1, Tq)), 0 elsewhere. For every query 0..T-1 it is the usual
-    upper triangle."""
-    after = xp.arange(T) > query_pos[:, :, None]  # [B, Tq, T]
-    return xp.where(after, -xp.inf, 0.0).astype(dtype)[:, None]  # [B, 1, Tq, T]
+def causal_mask(T, dtype, xp, query_pos=None):
+    """Additive causal mask: -inf where key j lies after its query's position, 0 elsewhere.
+
+    query_pos None (every position 0..T-1 queries): the upper triangle (1, 1, T, T), a
+    read-only constant made once per T, dtype, array module and device (the last 8
+    lengths are kept) instead of in every block of every step. query_pos int (B,): each
+    sequence's one query, (B, 1, 1, T): the constant's rows at those positions (a new
+    array, one indexing per call).
+    """
+    mask = _constant(("causal_mask", T, np.dtype(dtype)), xp,
+                     lambda: np.triu(np.full((1, 1, T, T), -np.inf, dtype=dtype), k=1), keep=8)  # -inf where j > i
+    if query_pos is None:
+        return mask  # [1, 1, T, T]
+    return mask[0, 0][query_pos][:, None, None]  # [B, 1, 1, T]
+
+
+def _qkv_scale(hs, dtype, xp):
+    """[scale, 1, 1] as a shared (3, 1, 1, 1, 1) constant of dtype, scale = 1/sqrt(hs): the
+    factor of q, k and v along the axis that stacks them."""
+    scale = np.dtype(dtype).type(1.0 / math.sqrt(hs))
+    return _constant(("qkv_scale", hs, np.dtype(dtype)), xp,
+                     lambda: np.array([scale, 1, 1], dtype=dtype).reshape(3, 1, 1, 1, 1))
 
 
 def attention_forward(qkv, n_heads, dropout_p=0.0, rng=None, query_pos=None):
@@ -281,31 +345,33 @@ def attention_forward(qkv, n_heads, dropout_p=0.0, rng=None, query_pos=None):
     query_pos: optional int (B,): attend from one query per sequence, at that position
     (what a classifier reads from the last block), against all keys up to it; y is
     then (B, C). Every key and value is still used, so its gradient is still complete.
-    Cache: q (B, NH, Tq, hs), k, v (B, NH, T, hs), att (after dropout, and before it
-    when p > 0), the query positions.
+    Cache: q_s = scale * q (B, NH, Tq, hs), k, v (B, NH, T, hs), att (after dropout, and
+    before it when p > 0), scale = 1/sqrt(hs), the query positions.
 
-    Departures from reference.attention_forward, for speed: the causal mask is added
-    (-inf above the diagonal) rather than selected with where, and the softmax runs in
-    place in the scores' buffer; both give the same numbers. query_pos is the classifier's
-    last-block trim: the reference computes every query and keeps one row at the end.
+    Departures from reference.attention_forward, for speed: the scale multiplies q, in
+    the one pass that copies q, k, v out of qkv into contiguous arrays, rather than the
+    (B, NH, Tq, T) scores (q_s k^T = scale * q k^T, up to rounding; exactly when hs is a
+    power of 4, as GPT-2's 64); the causal mask is added (-inf above the diagonal) rather
+    than selected with where, and built once, not per call (causal_mask); the softmax
+    runs in place in the scores' buffer. query_pos is the classifier's last-block trim:
+    the reference computes every query and keeps one row at the end.
     """
     xp = get_array_module(qkv)
     B, T, C3 = qkv.shape
     C = C3 // 3
     NH = n_heads
     hs = C // NH
-    # [B, T, 3C] -> [3, B, NH, T, hs]; contiguous copies so the batched matmuls are fast
-    q, k, v = xp.ascontiguousarray(qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4))
-    if query_pos is None:
-        positions = xp.arange(T)[None]  # [1, T]: every position queries
-    else:
-        positions = query_pos[:, None]  # [B, 1]
+    scale = qkv.dtype.type(1.0 / math.sqrt(hs))
+    # [B, T, 3C] -> [3, B, NH, T, hs] times [scale, 1, 1]: contiguous, so the batched
+    # matmuls are fast, and q scaled on the way (the scores need no pass of their own)
+    qkv_s = xp.empty((3, B, NH, T, hs), dtype=qkv.dtype)
+    xp.multiply(qkv.reshape(B, T, 3, NH, hs).transpose(2, 0, 3, 1, 4), _qkv_scale(hs, qkv.dtype, xp), out=qkv_s)
+    q, k, v = qkv_s  # q is scale * q
+    if query_pos is not None:
         q = q[xp.arange(B), :, query_pos][:, :, None]  # [B, NH, 1, hs]
     Tq = q.shape[2]
-    scale = qkv.dtype.type(1.0 / math.sqrt(hs))
-    pre = q @ k.transpose(0, 1, 3, 2)  # [B, NH, Tq, hs] @ [B, NH, hs, T] -> [B, NH, Tq, T]
-    pre *= scale  # from here on pre is the scaled scores, in the buffer of the product q k^T
-    pre += causal_mask(positions, T, qkv.dtype, xp)  # a token never sees the future
+    pre = q @ k.transpose(0, 1, 3, 2)  # [B, NH, Tq, hs] @ [B, NH, hs, T] -> [B, NH, Tq, T], the scaled scores
+    pre += causal_mask(T, qkv.dtype, xp, query_pos)  # a token never sees the future
     # softmax, subtracting the row max so exp never overflows; a query always sees
     # itself, so every row has a finite max and a non-zero sum
     pre -= pre.max(axis=-1, keepdims=True)
@@ -324,39 +390,42 @@ def attention_backward(dout, cache):
       forward: att_d = dropout(att)       so  datt = datt_d * mask
       forward: att = softmax(pre + mask)  so  dpre = att * (datt - sum_j(datt * att))
                (masked entries have att = 0, so they get no gradient)
-      forward: pre = scale * qk, qk = q k^T   so  dqk = scale * dpre,
-                                              dq = dqk k,  dk = dqk^T q
-    (pre is the scaled scores and dpre its gradient; dqk is the gradient at the unscaled
-    product q k^T, the same names as in reference.attention_backward.) dout: (B, T, C), or (B, C)
-    with query_pos. Returns dqkv (B, T, 3C) with dq, dk, dv side by side as in the input;
-    with query_pos, dq is zero off the query positions. Derivation:
-    docs/derivations.md#attention (and #softmax).
+      forward: pre = q_s k^T, q_s = scale * q   so  dq_s = dpre k,  dk = dpre^T q_s,
+                                                    dq = scale * dq_s
+    (pre is the scaled scores and dpre its gradient. The reference scales the product,
+    pre = scale * qk with qk = q k^T, and so its dqk = scale * dpre, dq = dqk k,
+    dk = dqk^T q: the same gradients, with the scale on the (B, NH, Tq, hs) dq instead of
+    the (B, NH, Tq, T) dqk.) dout: (B, T, C), or (B, C) with query_pos. Returns dqkv
+    (B, T, 3C) with dq, dk, dv side by side as in the input; with query_pos, dq is zero
+    off the query positions. The three products write into one (3, B, NH, T, hs) buffer,
+    and one multiply by [scale, 1, 1] lays it out as (B, T, 3, NH, hs) (the inverse of
+    the forward's copy), rather than three strided assignments and a scale pass.
+    Derivation: docs/derivations.md#attention (and #softmax).
     """
-    q, k, v, att, att_d, drop_cache, scale, query_pos = cache
+    q, k, v, att, att_d, drop_cache, scale, query_pos = cache  # q is scale * q
     xp = get_array_module(dout)
     B, NH, Tq, hs = q.shape
     T, C = k.shape[2], NH * hs
     dy = xp.ascontiguousarray(dout.reshape(B, Tq, NH, hs).transpose(0, 2, 1, 3))  # [B, NH, Tq, hs]
+    grads = xp.empty((3, B, NH, T, hs), dtype=dout.dtype)  # [dq_s | dk | dv], as the forward's q, k, v
     datt = dy @ v.transpose(0, 1, 3, 2)  # [B, NH, Tq, T]
-    dv = att_d.transpose(0, 1, 3, 2) @ dy  # [B, NH, T, hs]
+    xp.matmul(att_d.transpose(0, 1, 3, 2), dy, out=grads[2])  # dv [B, NH, T, hs]
     (datt,) = dropout_backward(datt, drop_cache)
     # softmax backward, in place in datt's buffer (the biggest of the attention, (B, NH, Tq, T)):
-    # dpre = att * (datt - rowsum(datt * att)), then dqk = scale * dpre, all in that one buffer
+    # dpre = att * (datt - rowsum(datt * att))
     datt -= (datt * att).sum(axis=-1, keepdims=True)
     datt *= att
-    dpre = datt  # the gradient at the scaled scores pre
-    dqk = dpre  # the same buffer, scaled in place: the gradient at the unscaled qk = q k^T
-    dqk *= scale
-    dq = dqk @ k  # [B, NH, Tq, hs]
-    dk = dqk.transpose(0, 1, 3, 2) @ q  # [B, NH, T, hs]
-    dqkv = xp.empty((B, T, 3, NH, hs), dtype=dout.dtype)
+    dpre = datt  # the gradient at the scaled scores pre = q_s k^T
+    xp.matmul(dpre.transpose(0, 1, 3, 2), q, out=grads[1])  # dk = dpre^T q_s [B, NH, T, hs]
     if query_pos is None:
-        dqkv[:, :, 0] = dq.transpose(0, 2, 1, 3)  # [B, NH, T, hs] -> [B, T, NH, hs]
+        xp.matmul(dpre, k, out=grads[0])  # dq_s = dpre k [B, NH, T, hs]
     else:  # only the query rows got a gradient
-        dqkv[:, :, 0] = 0.0
-        dqkv[xp.arange(B), query_pos, 0] = dq[:, :, 0]  # [B, NH, hs]
-    dqkv[:, :, 1] = dk.transpose(0, 2, 1, 3)
-    dqkv[:, :, 2] = dv.transpose(0, 2, 1, 3)
+        grads[0] = 0.0
+        grads[0][xp.arange(B), :, query_pos] = (dpre @ k)[:, :, 0]  # [B, NH, hs]
+    dqkv = xp.empty((B, T, 3, NH, hs), dtype=dout.dtype)
+    # dq = scale * dq_s, written through dqkv's [3, B, NH, T, hs] view: dqkv is [B, T, 3, NH, hs],
+    # the layout of qkv (on NumPy, iterating the contiguous grads is the faster of the two spellings)
+    xp.multiply(grads, _qkv_scale(hs, dout.dtype, xp), out=dqkv.transpose(2, 0, 3, 1, 4))
     return (dqkv.reshape(B, T, 3 * C),)
 
 

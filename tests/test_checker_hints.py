@@ -2,8 +2,8 @@
 purpose: a finished backward waiting for another function still stubbed ("needs"), a
 packed input judged by its parts (q, k, v), a constant factor named, a broken invariant
 (rows that sum to zero), and an exception inside the learner's code as one line that
-names the function, the shapes and the line. Each file is the exercise file, minilora's
-own backwards as the solutions, then one function overridden."""
+names the function, the shapes and the line. Each file is the exercise file, the solutions
+file's backwards after it, then one function overridden."""
 
 import json
 import subprocess
@@ -17,12 +17,11 @@ from minilora import cli, gradcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 EXERCISES = ROOT / "examples" / "exercises" / "layers.py"
-SOLUTIONS = """
-# the reference solutions: minilora's own backwards (the caches above are the same)
-from minilora.layers import (attention_backward, cross_entropy_backward, dropout_backward, embedding_backward,
-                             gelu_backward, layernorm_backward, linear_backward, masked_cross_entropy_backward)
-from minilora.lora import lora_linear_backward
-"""
+# the solutions file: the exercise file's forwards verbatim and every backward written out
+# (appended after the exercise file, its backwards replace the stubs). minilora/layers.py's
+# own backwards no longer drop in: their forwards keep other caches (n for layernorm, q for
+# GELU, a pre-scaled q for attention, s xa for LoRA), operations the GPU would otherwise run
+SOLUTIONS = "\n" + (ROOT / "examples" / "exercises" / "solutions" / "layers.py").read_text()
 
 # A learner's attention backward, written against the file's own dropout_backward (minilora's
 # calls minilora's). DQK, DQ and DK are the lines the tests break.

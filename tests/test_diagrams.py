@@ -59,10 +59,10 @@ def test_every_function_named_exists_and_caches_what_the_picture_says():
     rng = np.random.default_rng(0)
     B, T, C, NH = 2, 5, 8, 2
     x = rng.standard_normal((B, T, C))
-    _, (cx, w, mean, rstd) = layers.layernorm_forward(x, np.ones(C), np.zeros(C))  # x, w, mean, rstd [B, T, 1]
-    assert cx.shape == (B, T, C) and w.shape == (C,) and mean.shape == rstd.shape == (B, T, 1)
-    _, (gx, t) = layers.gelu_forward(rng.standard_normal((B, T, 4 * C)))  # x, t [B, T, 4C]
-    assert gx.shape == t.shape == (B, T, 4 * C)
+    _, (n, w, mean, rstd) = layers.layernorm_forward(x, np.ones(C), np.zeros(C))  # n, w, mean, rstd [B, T, 1]
+    assert n.shape == (B, T, C) and w.shape == (C,) and mean.shape == rstd.shape == (B, T, 1)
+    _, (gx, q) = layers.gelu_forward(rng.standard_normal((B, T, 4 * C)))  # x, q [B, T, 4C]
+    assert gx.shape == q.shape == (B, T, 4 * C)
     q, k, v, att, *_ = layers.attention_forward(rng.standard_normal((B, T, 3 * C)), NH)[1]
     assert q.shape == k.shape == v.shape == (B, NH, T, C // NH) and att.shape == (B, NH, T, T)
     _, (_, (xd, A, Bm, xa, s, _)) = lora.lora_linear_forward(x, np.ones((C, 3)), None, np.ones((C, 2)),

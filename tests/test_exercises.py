@@ -1,6 +1,6 @@
 """The exercise checker: `minilora gradcheck --module examples/exercises/layers.py` says
-not implemented for the stubs as shipped, passed when they are filled with minilora's own
-backwards, and failed (naming the worst entry) for a broken one. What it says beyond that
+not implemented for the stubs as shipped, passed when they are filled with the solutions
+file's backwards, and failed (naming the worst entry) for a broken one. What it says beyond that
 (needs, parts, factors, invariants, one-line exceptions) is in test_checker_hints.py."""
 
 import json
@@ -15,12 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 EXERCISES = ROOT / "examples" / "exercises" / "layers.py"
 LAYERS = ["embedding", "linear", "layernorm", "gelu", "dropout", "attention", "attention_dropout",
           "attention_one_query", "cross_entropy", "masked_cross_entropy", "lora_linear"]
-SOLUTIONS = """
-# the reference solutions: minilora's own backwards (the caches above are the same)
-from minilora.layers import (attention_backward, cross_entropy_backward, dropout_backward, embedding_backward,
-                             gelu_backward, layernorm_backward, linear_backward, masked_cross_entropy_backward)
-from minilora.lora import lora_linear_backward
-"""
+# the solutions file: the exercise file's forwards verbatim and every backward written out
+# (appended after the exercise file, its backwards replace the stubs). minilora/layers.py's
+# own backwards no longer drop in: their forwards keep other caches (n for layernorm, q for
+# GELU, a pre-scaled q for attention, s xa for LoRA), operations the GPU would otherwise run
+SOLUTIONS = "\n" + (ROOT / "examples" / "exercises" / "solutions" / "layers.py").read_text()
 BROKEN_LAYERNORM = """
 def layernorm_backward(dout, cache):
     x, w, mean, rstd = cache
@@ -47,7 +46,7 @@ def test_the_stubs_as_shipped_are_all_not_implemented(capsys):
                for c in checks.values()), checks
 
 
-def test_the_stubs_filled_with_minilora_layers_all_pass(capsys, tmp_path):
+def test_the_stubs_filled_with_the_solutions_all_pass(capsys, tmp_path):
     solved = tmp_path / "solved.py"
     solved.write_text(EXERCISES.read_text() + SOLUTIONS)
     status, checks = run_checker(capsys, solved)

@@ -35,11 +35,10 @@ def test_checks_hold_for_other_random_inputs(xp, seed):
 
 
 def _layernorm_backward_without_mean_term(dout, cache):
-    x, w, mean, rstd = cache
-    n = (x - mean) * rstd
+    n, w, mean, rstd = cache
     dn = dout * w
     dx = rstd * (dn - n * (dn * n).mean(axis=-1, keepdims=True))  # dropped: - mean(dn)
-    return dx, (dout * n).reshape(-1, x.shape[-1]).sum(0), dout.reshape(-1, x.shape[-1]).sum(0)
+    return dx, (dout * n).reshape(-1, n.shape[-1]).sum(0), dout.reshape(-1, n.shape[-1]).sum(0)
 
 
 def _embedding_backward_without_accumulation(dout, cache):
@@ -53,13 +52,13 @@ def _embedding_backward_without_accumulation(dout, cache):
 
 
 def _softmax_backward_without_row_sum(dout, cache):
-    q, k, v, att, att_d, drop_cache, scale, _ = cache
-    B, NH, T, hs = q.shape
+    q_s, k, v, att, att_d, drop_cache, scale, _ = cache  # q_s = scale * q
+    B, NH, T, hs = q_s.shape
     dy = dout.reshape(B, T, NH, hs).transpose(0, 2, 1, 3)
     datt = dy @ v.transpose(0, 1, 3, 2)
     dv = att.transpose(0, 1, 3, 2) @ dy
-    dqk = att * datt * scale  # dropped: - sum_j(datt * att)
-    dq, dk = dqk @ k, dqk.transpose(0, 1, 3, 2) @ q
+    dpre = att * datt  # dropped: - sum_j(datt * att)
+    dq, dk = scale * (dpre @ k), dpre.transpose(0, 1, 3, 2) @ q_s
     d = np.stack([dq, dk, dv], axis=2).transpose(0, 3, 2, 1, 4)  # [B, T, 3, NH, hs]
     return (d.reshape(B, T, 3 * NH * hs),)
 
@@ -90,8 +89,8 @@ def test_checker_fails_when_model_backward_is_broken(monkeypatch, tiny_cfg):
     import minilora.model as model_mod
 
     def broken_gelu_backward(dout, cache):
-        x, t = cache
-        return (dout * 0.5 * (1.0 + t),)  # dropped: the x * sech^2 term
+        x, q = cache  # q = 0.5 (1 + t)
+        return (dout * q,)  # dropped: the x * sech^2 term
 
     monkeypatch.setattr(model_mod, "gelu_backward", broken_gelu_backward)
     r = gradcheck.model_checks("cpu")[0].run()
@@ -219,3 +218,119 @@ def test_float32_stays_float32(xp, rng, name):
     assert out.dtype == np.float32
     for g in bwd(xp.ones_like(out), cache):
         assert g.dtype == np.float32
+
+
+# ---------------------------------------------------------------- what the fast layers keep
+
+
+def test_the_causal_mask_is_one_shared_read_only_constant():
+    """Built once per length, dtype and array module and handed out read-only; the query
+    rows are its rows; only the last 8 lengths are kept."""
+    full = layers.causal_mask(6, np.float32, np)
+    want = np.triu(np.full((6, 6), -np.inf, np.float32), k=1)[None, None]
+    np.testing.assert_array_equal(full, want)
+    assert full.dtype == np.float32 and full.shape == (1, 1, 6, 6) and full.flags.c_contiguous
+    assert layers.causal_mask(6, np.float32, np) is full  # not rebuilt
+    assert not full.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        full[0, 0, 0, 1] = 0.0
+    rows = layers.causal_mask(6, np.float32, np, query_pos=np.array([5, 0, 2]))
+    np.testing.assert_array_equal(rows, want[0, 0][[5, 0, 2]][:, None, None])
+    assert rows.shape == (3, 1, 1, 6) and layers.causal_mask(6, np.float64, np).dtype == np.float64
+    for T in range(100, 108):  # 8 other lengths: the mask of 6 is dropped, and made again
+        np.testing.assert_array_equal(layers.causal_mask(T, np.float32, np)[0, 0],
+                                      np.triu(np.full((T, T), -np.inf, np.float32), k=1))
+    assert sum(1 for key in layers._CONSTANTS if key[0] == "causal_mask") <= 8
+    again = layers.causal_mask(6, np.float32, np)
+    assert again is not full
+    np.testing.assert_array_equal(again, want)
+
+
+def test_backwards_leave_their_caches_alone(xp, rng):
+    """A backward never writes into its cache: the same backward twice gives the same
+    gradients (layernorm's n, gelu's q and attention's q_s, att are read, never reused as
+    buffers)."""
+    a = lambda *s: xp.asarray(rng.standard_normal(s))  # noqa: E731
+    cases = [
+        (layers.layernorm_forward(a(2, 5, 8), a(8), a(8))[1], layers.layernorm_backward, (2, 5, 8)),
+        (layers.gelu_forward(a(2, 5, 8))[1], layers.gelu_backward, (2, 5, 8)),
+        (layers.attention_forward(a(2, 5, 24), 2)[1], layers.attention_backward, (2, 5, 8)),
+        (layers.attention_forward(a(2, 5, 24), 2, query_pos=xp.asarray(np.array([4, 1])))[1],
+         layers.attention_backward, (2, 8)),
+    ]
+    for cache, backward, shape in cases:
+        before = [to_numpy(c).copy() if hasattr(c, "shape") else c for c in cache]
+        dout = a(*shape)
+        first = [to_numpy(g) for g in backward(dout, cache) if g is not None]
+        for b, c in zip(before, cache):
+            if hasattr(c, "shape"):
+                np.testing.assert_array_equal(to_numpy(c), b)
+        for g, h in zip(first, (to_numpy(g) for g in backward(dout, cache) if g is not None)):
+            np.testing.assert_array_equal(g, h)
+
+
+def test_attention_caches_q_scaled(rng):
+    """q is kept as scale * q: the scale rode on the copy of q, not on the scores."""
+    qkv = rng.standard_normal((2, 5, 24))
+    _, (q_s, k, v, *_, scale, _) = layers.attention_forward(qkv, 2)
+    heads = lambda a: a.reshape(2, 5, 2, 4).transpose(0, 2, 1, 3)  # noqa: E731
+    assert scale == 0.5
+    np.testing.assert_array_equal(q_s, scale * heads(qkv[..., :8]))
+    np.testing.assert_array_equal(k, heads(qkv[..., 8:16]))
+    np.testing.assert_array_equal(v, heads(qkv[..., 16:]))
+
+
+def test_gelu_agrees_with_the_reference_in_float32():
+    """The folded constants and the cached q = 0.5 (1 + t) round differently from
+    reference.gelu_forward / gelu_backward: within 32 float32 eps of the exact value's scale
+    max(|value|, 1), |x| up to 10 (measured: y 1.3, dy/dx 16.4, near x = 5 where q is near
+    1 and 1 - q keeps fewer bits than 1 - t; the reference in float32: 1.3 and 10.3)."""
+    from minilora import reference
+
+    x32 = np.linspace(-10, 10, 20001).astype(np.float32)
+    x = x32.astype(np.float64)  # the same inputs, exactly
+    y, cache = layers.gelu_forward(x32)
+    (d,) = layers.gelu_backward(np.ones_like(x32), cache)
+    assert y.dtype == d.dtype == np.float32
+    eps = np.finfo(np.float32).eps
+    # the scale of a value: 1 near the kink, |x| where y ~ x
+    for got, want in ((y, reference.gelu_forward(x)), (d, reference.gelu_backward(np.ones_like(x), x))):
+        err = np.abs(got - want) / np.maximum(np.abs(want), 1.0)
+        assert err.max() < 32 * eps, err.max() / eps
+
+
+def _steady_counts():
+    """Operations per call of each layer function, with every shared constant made."""
+    from minilora.opcount import Counted, OpCounter
+
+    r = np.random.default_rng(0)
+    c = lambda *s: r.standard_normal(s).view(Counted)  # noqa: E731
+    qkv, query_pos = c(2, 5, 24), np.array([3, 1])
+    layers.attention_forward(qkv, 2), layers.attention_forward(qkv, 2, query_pos=query_pos)  # the constants
+    counts = {}
+
+    def count(name, fn):
+        with OpCounter() as ops:
+            out = fn()
+        counts[name] = ops.total
+        return out
+
+    _, cache = count("layernorm_forward", lambda: layers.layernorm_forward(c(2, 5, 8), c(8), c(8)))
+    count("layernorm_backward", lambda: layers.layernorm_backward(c(2, 5, 8), cache, need_dparams=False))
+    _, cache = count("gelu_forward", lambda: layers.gelu_forward(c(2, 5, 32)))
+    count("gelu_backward", lambda: layers.gelu_backward(c(2, 5, 32), cache))
+    _, cache = count("attention_forward", lambda: layers.attention_forward(qkv, 2))
+    count("attention_backward", lambda: layers.attention_backward(c(2, 5, 8), cache))
+    _, cache = count("attention_forward(query_pos)", lambda: layers.attention_forward(qkv, 2, query_pos=query_pos))
+    count("attention_backward(query_pos)", lambda: layers.attention_backward(c(2, 8), cache))
+    return counts
+
+
+def test_the_layers_operation_counts_per_call():
+    """The kernels a GPU launches per call (issue 21): a change that adds one shows here.
+    The causal mask and the q/k/v scale are shared constants, no operation of a steady step."""
+    assert _steady_counts() == {
+        "layernorm_forward": 9, "layernorm_backward": 8, "gelu_forward": 8, "gelu_backward": 9,
+        "attention_forward": 10, "attention_backward": 10,
+        "attention_forward(query_pos)": 12, "attention_backward(query_pos)": 12,
+    }

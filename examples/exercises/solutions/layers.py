@@ -5,8 +5,9 @@
 The forwards are the exercise file's, copied verbatim (tests/test_model_exercises.py
 holds them equal); each backward replaces its stub's `raise NotImplementedError`, under
 the stub's hint. Plain NumPy, self-contained. minilora/layers.py and minilora/lora.py
-compute the same gradients with fewer temporaries (same caches, so they drop in too),
-and minilora/reference.py in the plainest form. Derivations: docs/derivations.md.
+compute the same gradients with fewer operations, from caches of their own (layernorm keeps
+n, GELU 0.5 (1 + t), attention a pre-scaled q, LoRA s xa), so their backwards do not drop
+in here; and minilora/reference.py in the plainest form. Derivations: docs/derivations.md.
 Shapes: B batch, T time, C channels, NH heads, hs = C // NH, V vocabulary, r rank.
 """
 
