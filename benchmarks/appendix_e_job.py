@@ -41,12 +41,15 @@ def one_run(folder, batching, tmp, k):
     lines, loads = stamped_run(cmd, dict(os.environ, MINILORA_OFFLINE="1"))
     wall = time.perf_counter() - t0
     metrics = json.loads((run / "metrics.json").read_text())
+    loop_end = max(t for t, line in lines if "| Validation accuracy" in line)  # the epoch-end lines
     return {
         "start": start, "wall_seconds": round(wall, 2), "wall_minutes": round(wall / 60, 2),
         # ru_maxrss of the largest child so far, in KiB on Linux: one child per run, the runs in order
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "metrics_seconds": metrics["seconds"],
-        "training_loop_seconds": round(first_time(lines, "Training accuracy") - first_time(lines, "Ep 1"), 2),
+        # the loop: from the first loss line (step 0's evaluation) to the last epoch's accuracies
+        "training_loop_seconds": round(loop_end - first_time(lines, "Ep 1"), 2),
+        "final_accuracies_seconds": round(first_time(lines, "Test accuracy") - loop_end, 2),
         "steps": metrics["steps"], "train_batches": metrics["train_batches"],
         "accuracy": {k: metrics[k] for k in ("train_accuracy", "val_accuracy", "test_accuracy")},
         "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
