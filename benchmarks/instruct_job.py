@@ -46,7 +46,7 @@ def stamped_run(cmd, env):
             loads.append(os.getloadavg()[0])
             print(f"[{lines[-1][0]:8.1f} s] {line}", end="", flush=True)
     if p.returncode:
-        raise SystemExit(f"{' '.join(cmd[1:4])} failed ({p.returncode})")
+        raise SystemExit(f"{' '.join(cmd[2:4])} failed ({p.returncode})")
     return lines, loads
 
 

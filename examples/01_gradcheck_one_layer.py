@@ -14,8 +14,8 @@ def layernorm_forward(x, w, b, eps=1e-5):  # x: (B, T, C); w, b: (C,)
     n = (x - mean) * rstd  # [B, T, C], normalized
     # The backward needs only n, w and rstd, so this caches n: a (B, T, C) array, the
     # same memory as caching x would be, and the backward need not recompute n.
-    # minilora/layers.py caches x and recomputes n instead (as reference.py does, and as
-    # llm.c does, where x is kept alive anyway): docs/derivations.md#layernorm.
+    # minilora/layers.py caches n too; reference.py keeps x and recomputes n (as llm.c
+    # does, where x is kept alive anyway): docs/derivations.md#layernorm.
     return n * w + b, (n, w, rstd)
 
 

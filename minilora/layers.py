@@ -315,10 +315,10 @@ def causal_mask(T, dtype, xp, query_pos=None):
     """Additive causal mask: -inf where key j lies after its query's position, 0 elsewhere.
 
     query_pos None (every position 0..T-1 queries): the upper triangle (1, 1, T, T), a
-    read-only constant made once per T, dtype, array module and device (the last 8
-    lengths are kept) instead of in every block of every step. query_pos int (B,): each
-    sequence's one query, (B, 1, 1, T): the constant's rows at those positions (a new
-    array, one indexing per call).
+    shared constant made once per T, dtype, array module and device (the last 8 lengths
+    are kept; read-only on NumPy) instead of in every block of every step. query_pos int
+    (B,): each sequence's one query, (B, 1, 1, T): the constant's rows at those positions
+    (a new array, one indexing per call).
     """
     mask = _constant(("causal_mask", T, np.dtype(dtype)), xp,
                      lambda: np.triu(np.full((1, 1, T, T), -np.inf, dtype=dtype), k=1), keep=8)  # -inf where j > i

@@ -118,7 +118,7 @@ def lora_stack_forward(x, As, Bs, scale):
 
     delta[j] is adapter j's s * (x @ A_j) @ B_j, what lora_forward gives. The batched
     product wants xa as (k, N, r), a copy; the scale rides on that copy (lora_forward
-    multiplies the (N, out) delta instead), and delta and, in the backward,
+    multiplies its xa in place, having no copy to ride on), and delta and, in the backward,
     dB = (s xa)^T dout carry it with no multiply of their own.
     x: (..., in); As: k arrays (in, r); Bs: k arrays (r, w); scale: float s.
     Returns delta (..., k, w), a view, to be added into the linear's output seen as blocks

@@ -14,14 +14,10 @@ import numpy as np
 import pytest
 
 from minilora import cli, gradcheck
+from test_exercises import SOLUTIONS  # the solutions file's backwards, to append to the exercise file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXERCISES = ROOT / "examples" / "exercises" / "layers.py"
-# the solutions file: the exercise file's forwards verbatim and every backward written out
-# (appended after the exercise file, its backwards replace the stubs). minilora/layers.py's
-# own backwards no longer drop in: their forwards keep other caches (n for layernorm, q for
-# GELU, a pre-scaled q for attention, s xa for LoRA), operations the GPU would otherwise run
-SOLUTIONS = "\n" + (ROOT / "examples" / "exercises" / "solutions" / "layers.py").read_text()
 
 # A learner's attention backward, written against the file's own dropout_backward (minilora's
 # calls minilora's). DQK, DQ and DK are the lines the tests break.

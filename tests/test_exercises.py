@@ -3,6 +3,7 @@ not implemented for the stubs as shipped, passed when they are filled with the s
 file's backwards, and failed (naming the worst entry) for a broken one. What it says beyond that
 (needs, parts, factors, invariants, one-line exceptions) is in test_checker_hints.py."""
 
+import ast
 import json
 from pathlib import Path
 
@@ -15,11 +16,19 @@ ROOT = Path(__file__).resolve().parent.parent
 EXERCISES = ROOT / "examples" / "exercises" / "layers.py"
 LAYERS = ["embedding", "linear", "layernorm", "gelu", "dropout", "attention", "attention_dropout",
           "attention_one_query", "cross_entropy", "masked_cross_entropy", "lora_linear"]
-# the solutions file: the exercise file's forwards verbatim and every backward written out
-# (appended after the exercise file, its backwards replace the stubs). minilora/layers.py's
-# own backwards no longer drop in: their forwards keep other caches (n for layernorm, q for
-# GELU, a pre-scaled q for attention, s xa for LoRA), operations the GPU would otherwise run
-SOLUTIONS = "\n" + (ROOT / "examples" / "exercises" / "solutions" / "layers.py").read_text()
+
+
+def solution_backwards():
+    """The backwards of examples/exercises/solutions/layers.py, as source to append to the
+    exercise file (whose forwards then stay the ones run, each backward replacing its stub).
+    minilora/layers.py's own backwards would not drop in: its forwards keep other caches (n
+    for layernorm, q for GELU, a pre-scaled q for attention, s xa for LoRA)."""
+    source = (ROOT / "examples" / "exercises" / "solutions" / "layers.py").read_text()
+    return "\n" + "\n\n".join(ast.get_source_segment(source, node) for node in ast.parse(source).body
+                              if isinstance(node, ast.FunctionDef) and node.name.endswith("_backward")) + "\n"
+
+
+SOLUTIONS = solution_backwards()
 BROKEN_LAYERNORM = """
 def layernorm_backward(dout, cache):
     x, w, mean, rstd = cache

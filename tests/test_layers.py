@@ -247,11 +247,16 @@ def test_the_causal_mask_is_one_shared_read_only_constant():
 
 
 def test_backwards_leave_their_caches_alone(xp, rng):
-    """A backward never writes into its cache: the same backward twice gives the same
-    gradients (layernorm's n, gelu's q and attention's q_s, att are read, never reused as
-    buffers)."""
+    """A backward never writes into its cache or its dout: the same backward twice gives the
+    same gradients (layernorm's n, gelu's q, attention's q_s and att, LoRA's s xa are read,
+    never reused as buffers)."""
+    from minilora.lora import lora_backward, lora_forward, lora_stack_backward, lora_stack_forward
+
     a = lambda *s: xp.asarray(rng.standard_normal(s))  # noqa: E731
     cases = [
+        (lora_forward(a(2, 5, 8), a(8, 3), a(3, 6), 1.5)[1], lora_backward, (2, 5, 6)),
+        (lora_stack_forward(a(2, 5, 8), [a(8, 3), a(8, 3)], [a(3, 6), a(3, 6)], 1.5)[1], lora_stack_backward,
+         (2, 5, 2, 6)),
         (layers.layernorm_forward(a(2, 5, 8), a(8), a(8))[1], layers.layernorm_backward, (2, 5, 8)),
         (layers.gelu_forward(a(2, 5, 8))[1], layers.gelu_backward, (2, 5, 8)),
         (layers.attention_forward(a(2, 5, 24), 2)[1], layers.attention_backward, (2, 5, 8)),
@@ -261,12 +266,19 @@ def test_backwards_leave_their_caches_alone(xp, rng):
     for cache, backward, shape in cases:
         before = [to_numpy(c).copy() if hasattr(c, "shape") else c for c in cache]
         dout = a(*shape)
-        first = [to_numpy(g) for g in backward(dout, cache) if g is not None]
+        dout_before = to_numpy(dout).copy()
+        first = [to_numpy(g) for g in _flat(backward(dout, cache))]
+        np.testing.assert_array_equal(to_numpy(dout), dout_before)
         for b, c in zip(before, cache):
             if hasattr(c, "shape"):
                 np.testing.assert_array_equal(to_numpy(c), b)
-        for g, h in zip(first, (to_numpy(g) for g in backward(dout, cache) if g is not None)):
+        for g, h in zip(first, (to_numpy(g) for g in _flat(backward(dout, cache))), strict=True):
             np.testing.assert_array_equal(g, h)
+
+
+def _flat(grads):
+    """A backward's gradients as one list (the stacked LoRA's dAs, dBs are lists), Nones left out."""
+    return [g for item in grads for g in (item if isinstance(item, list) else [item]) if g is not None]
 
 
 def test_attention_caches_q_scaled(rng):

@@ -16,8 +16,8 @@ It runs the same finite-difference checks as `minilora gradcheck` on your functi
 says, per layer, passed / failed / not implemented; on a failure it names the entry
 where your gradient and the numerical one differ most, with both values. The math of
 each layer is derived in docs/derivations.md (the hint under each backward names the
-section); the reference solutions are minilora/layers.py and minilora/lora.py (no peeking
-until the checker says passed!). Plain NumPy: shapes B batch, T time, C channels,
+section); the answers are in examples/exercises/solutions/layers.py (no peeking until the
+checker says passed!; minilora/layers.py computes the same gradients from caches of its own). Plain NumPy: shapes B batch, T time, C channels,
 NH heads, hs = C // NH, V vocabulary.
 """
 
