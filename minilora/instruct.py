@@ -99,7 +99,7 @@ class InstructionTask:
     def step(self, model, batch):
         inputs, targets = batch
         logits = model.forward(inputs, keep_cache=True)  # [B, T, V]
-        loss, cache = layers.masked_cross_entropy_forward(logits, model.xp.asarray(targets), ignore_index=IGNORE_INDEX)
+        loss, cache = layers.masked_cross_entropy_forward(logits, targets, ignore_index=IGNORE_INDEX)
         (dlogits,) = layers.masked_cross_entropy_backward(1.0, cache)  # [B, T, V]
         return loss, dlogits
 
@@ -110,7 +110,7 @@ class InstructionTask:
         try:
             for inputs, targets in batches:
                 logits = model.forward(inputs, keep_cache=False)  # [B, T, V]
-                loss = layers.masked_cross_entropy_forward(logits, model.xp.asarray(targets),
+                loss = layers.masked_cross_entropy_forward(logits, targets,
                                                            ignore_index=IGNORE_INDEX)[0]  # its cache goes at once
                 losses.append(float(loss))
                 del logits  # with the cache gone: one logits-sized array at a time

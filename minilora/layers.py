@@ -27,7 +27,7 @@ import threading
 
 import numpy as np
 
-from .backend import get_array_module
+from .backend import get_array_module, to_numpy
 
 # ---------------------------------------------------------------------------- constants
 
@@ -468,30 +468,36 @@ def masked_cross_entropy_forward(logits, targets, ignore_index=-100):
     cross_entropy(..., ignore_index=-100)). The divisor is M, not N: the padding of a batch
     must not dilute its loss.
 
-    logits: (N, V) or (B, T, V); targets: int (N,) or (B, T), in [0, V) or ignore_index.
-    Returns the loss (0-d) and cache [probs (N, V), targets, counted (N,) bool, M, shape].
+    logits: (N, V) or (B, T, V); targets: int (N,) or (B, T), in [0, V) or ignore_index,
+    best given on the host (a NumPy array) even when the logits are on a GPU: which rows
+    count, how many there are and whether their targets are in range are facts about the
+    targets alone, read on the host, so the step never waits for the device to answer them
+    (from device targets they are copied back once). Returns the loss (0-d) and cache
+    [probs (N, V), rows (M,) the counted rows, their targets (M,), M, shape, the (N, 1)
+    0/1 column of counted rows], the index arrays on the logits' device.
     Memory: one logits-sized array besides the logits, probs, which the backward turns
     into dlogits in place (at batch 8 x 1024 x 50257 a logits-sized float32 array is 1.6 GB).
     """
     xp = get_array_module(logits)
     V = logits.shape[-1]
-    z, y = logits.reshape(-1, V), targets.reshape(-1)  # views: [N, V], [N]
+    z = logits.reshape(-1, V)  # a view: [N, V]
+    y = to_numpy(targets).reshape(-1)  # [N], on the host
     counted = y != ignore_index  # [N]
     M = int(counted.sum())
     if M == 0:
         raise ValueError(f"no position to count: every target is ignore_index ({ignore_index})")
-    y_counted = y[counted]
-    if int(((y_counted < 0) | (y_counted >= V)).sum()):
+    if ((y[counted] < 0) | (y[counted] >= V)).any():
         raise ValueError(f"targets must be in [0, {V}) or ignore_index ({ignore_index})")
+    rows, y_rows = xp.asarray(np.flatnonzero(counted)), xp.asarray(y[counted])  # [M], [M]: to the device
     zmax = z.max(axis=-1, keepdims=True)  # [N, 1]
     probs = z - zmax  # the one [N, V] array, shifted for a stable exp
     xp.exp(probs, out=probs)
     sum_e = probs.sum(axis=-1, keepdims=True)  # [N, 1]
     probs /= sum_e  # softmax, in place
-    rows = xp.nonzero(counted)[0]
     lse = xp.log(sum_e[rows, 0]) + zmax[rows, 0]  # [M]: log-sum-exp of the counted rows
-    loss = (lse - z[rows, y_counted]).sum() / z.dtype.type(M)  # never the log of an underflowed prob
-    return loss, [probs, y, counted, M, logits.shape]
+    loss = (lse - z[rows, y_rows]).sum() / z.dtype.type(M)  # never the log of an underflowed prob
+    column = xp.asarray(counted[:, None].astype(logits.dtype))  # [N, 1]: 1 on counted rows, 0 on ignored
+    return loss, [probs, rows, y_rows, M, logits.shape, column]
 
 
 def masked_cross_entropy_backward(dloss, cache):
@@ -504,10 +510,8 @@ def masked_cross_entropy_backward(dloss, cache):
     from it is refused."""
     if cache[0] is None:
         raise RuntimeError("masked_cross_entropy_backward consumes its cache: one backward per forward")
-    probs, y, counted, M, shape = cache
+    probs, rows, y_rows, M, shape, column = cache
     cache[0] = None
-    xp = get_array_module(probs)
-    rows = xp.nonzero(counted)[0]
-    probs[rows, y[rows]] -= 1.0
-    probs *= (counted[:, None] * probs.dtype.type(dloss / M)).astype(probs.dtype)  # 0 on ignored rows
+    probs[rows, y_rows] -= 1.0
+    probs *= column * probs.dtype.type(dloss / M)  # [N, 1]: dloss / M on counted rows, 0 on ignored ones
     return (probs.reshape(shape),)
