@@ -56,7 +56,8 @@ def lora_forward(x, A, B, scale, dropout_p=0.0, rng=None):
     x_d, drop_cache = dropout_forward(x, dropout_p, rng)
     lead = x.shape[:-1]
     xa_s = x_d.reshape(-1, A.shape[0]) @ A  # [N, in] @ [in, r] -> [N, r], N = prod(lead)
-    xa_s *= xa_s.dtype.type(scale)  # s xa
+    if scale != 1:  # s = alpha / r is 1 in the book's recipe (r = alpha = 16): x * 1 changes no bit
+        xa_s *= xa_s.dtype.type(scale)  # s xa
     delta = xa_s @ B  # [N, r] @ [r, out] -> [N, out]
     return delta.reshape(*lead, B.shape[1]), (x_d, A, B, xa_s, scale, drop_cache)
 
@@ -78,7 +79,8 @@ def lora_backward(dout, cache, need_dx=True):
     d2 = dout.reshape(-1, n_out)  # [N, out]
     dB = xa_s.T @ d2  # [r, N] @ [N, out] -> [r, out]
     g = d2 @ B.T  # [N, out] @ [out, r] -> [N, r]
-    g *= g.dtype.type(scale)
+    if scale != 1:  # as in the forward: no pass that multiplies by 1
+        g *= g.dtype.type(scale)
     dA = x_d.reshape(-1, n_in).T @ g  # [in, N] @ [N, r] -> [in, r]
     if not need_dx:  # nothing upstream trains: skip dx (returned as None)
         return None, dA, dB

@@ -335,6 +335,11 @@ def _steady_counts():
     count("attention_backward", lambda: layers.attention_backward(c(2, 5, 8), cache))
     _, cache = count("attention_forward(query_pos)", lambda: layers.attention_forward(qkv, 2, query_pos=query_pos))
     count("attention_backward(query_pos)", lambda: layers.attention_backward(c(2, 8), cache))
+    from minilora.lora import lora_backward, lora_forward
+
+    for s in (1, 1.5):  # s = 1 (the book's alpha = r) multiplies nothing
+        _, cache = count(f"lora_forward(s={s})", lambda: lora_forward(c(2, 5, 8), c(8, 3), c(3, 6), s))
+        count(f"lora_backward(s={s})", lambda: lora_backward(c(2, 5, 6), cache))
     return counts
 
 
@@ -345,4 +350,5 @@ def test_the_layers_operation_counts_per_call():
         "layernorm_forward": 9, "layernorm_backward": 8, "gelu_forward": 8, "gelu_backward": 9,
         "attention_forward": 10, "attention_backward": 10,
         "attention_forward(query_pos)": 12, "attention_backward(query_pos)": 12,
+        "lora_forward(s=1)": 2, "lora_backward(s=1)": 4, "lora_forward(s=1.5)": 3, "lora_backward(s=1.5)": 5,
     }

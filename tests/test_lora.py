@@ -448,6 +448,27 @@ def test_stacked_pair_gradients_match_finite_differences(rng, parts, blocks):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("s", [1, 1.0, 1.5])
+def test_one_adapter_gradients_match_finite_differences_at_scale_one_too(rng, s):
+    """lora_forward / lora_backward at s = 1, the book's alpha = r, skip the multiply by s
+    (no pass that changes no bit): delta is (x A) B and dx, dA, dB agree with central
+    differences there as at s = 1.5 (gradcheck's own LoRA check runs at s = 1.7)."""
+    from minilora.gradcheck import LAYER_TOL, numerical_gradient, rel_error
+    from minilora.lora import lora_backward, lora_forward
+
+    x, A, B = rng.standard_normal((2, 5, 7)), rng.standard_normal((7, 3)), rng.standard_normal((3, 4))
+    G = rng.standard_normal((2, 5, 4))
+    delta, cache = lora_forward(x, A, B, s)
+    np.testing.assert_allclose(delta, s * (x @ A) @ B, rtol=0, atol=1e-13 * np.abs(delta).max())
+
+    def loss():
+        return float((lora_forward(x, A, B, s)[0] * G).sum())
+
+    dx, dA, dB = lora_backward(G, cache)
+    for got, wrt in ((dx, x), (dA, A), (dB, B)):
+        assert rel_error(got, numerical_gradient(loss, wrt)) < LAYER_TOL
+
+
 def test_with_lora_dropout_each_adapter_keeps_its_own_mask(monkeypatch, tiny_cfg, tiny_idx):
     """Training with LoRA dropout: Q, K and V each draw their own mask, so nothing is stacked
     and the output is bit for bit the one-by-one path's; in evaluation (no dropout) they stack."""
