@@ -22,3 +22,10 @@ from .optim import AdamW, clip_grad_norm, constant_schedule, warmup_cosine_sched
 from .peft import export_peft  # a language model's adapter as a Hugging Face PEFT LoRA folder
 
 __version__ = "0.1.0"
+
+__all__ = [  # the public API (DESIGN.md): what `from minilora import *` gives
+    "AdamW", "AdapterError", "GPTConfig", "GPTModel", "PRESETS", "apply_lora", "clip_grad_norm",
+    "constant_schedule", "cuda_available", "disable_lora", "enable_lora", "export_peft", "load_adapter",
+    "merge_lora", "reference", "remove_lora", "save_adapter", "to_numpy", "unmerge_lora",
+    "warmup_cosine_schedule",
+]

@@ -105,6 +105,13 @@ def sample_next(logits, temperature=0.0, top_k=None, rng=None):
     """Next token ids (B,) from last-position logits (B, V) given as a NumPy array."""
     check_sampling(temperature, top_k)
     logits = np.asarray(logits, dtype=np.float64)
+    # a NaN or +inf logit would pick a token silently (argmax takes the first NaN) or fail
+    # inside rng.choice; -inf is a token ruled out, fine while one other is finite
+    broken = np.isnan(logits).any(axis=-1) | np.isposinf(logits).any(axis=-1) | ~np.isfinite(logits).any(axis=-1)
+    if broken.any():
+        rows = np.flatnonzero(broken).tolist()
+        raise GenerationError(f"generate: the model's next-token logits are not finite (NaN, +inf or all -inf) "
+                              f"for sequence(s) {rows}: its weights hold NaN or inf, or training diverged")
     if top_k is not None:
         kth = np.sort(logits, axis=-1)[:, -min(top_k, logits.shape[-1])][:, None]
         logits = np.where(logits < kth, -np.inf, logits)

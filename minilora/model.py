@@ -414,13 +414,18 @@ class GPTModel:
         c_emb, c_drop, blocks, rows, c_lnf, c_head = cache
         train = self._forward_trainable
         grads = {}
-        dx = self._linear_backward(self._head_name(), dlogits, c_head, grads)
-        dx, dw, db = layernorm_backward(dx, c_lnf, self._trains("ln_f."))
-        self._accumulate_pair(grads, "ln_f.", dw, db)
         # Frozen means no work: below the lowest block that trains anything, and under a
         # frozen embedding, no gradient is needed, so the backward stops there
         # (reference.backward runs every block down to the embedding, always).
         embeddings_train, lowest = backward_extent(train, self.cfg.n_layers)
+        lnf_trains = self._trains("ln_f.")
+        # only the head trains (its adapter, say): no dx through it, a (N, n_out) @ (n_out, C) product
+        dx = self._linear_backward(self._head_name(), dlogits, c_head, grads,
+                                   need_dx=lnf_trains or lowest < self.cfg.n_layers)
+        if dx is None:
+            return grads
+        dx, dw, db = layernorm_backward(dx, c_lnf, lnf_trains)
+        self._accumulate_pair(grads, "ln_f.", dw, db)
         for i in reversed(range(lowest, self.cfg.n_layers)):
             h = f"h.{i}."
             below = i > lowest or embeddings_train  # does anything under block i train?

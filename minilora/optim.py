@@ -219,6 +219,9 @@ class AdamW:
             raise RuntimeError("LoRA adapters are merged into the weights: unmerge_lora(model) before "
                                "an optimizer step on them")
         lr = _check_lr(self.schedule(self.step_count + 1))
+        if not grads:  # else a step that changes nothing, yet counts (the schedule and bias corrections move on)
+            raise OptimizerError("AdamW.step: no gradients (an empty dict): nothing to update, and no step "
+                                 "was counted; pass what model.backward returns")
         if not self._packed(grads):
             self._pack(list(grads))
         flat_grads = []  # the gradients side by side, in the order of the parameter buffers

@@ -509,6 +509,10 @@ def test_api_refuses_what_cannot_train(tiny_cfg, tiny_idx):
             ml.AdamW(model, lr=lr)
     with pytest.raises(ValueError, match="learning rate must be a finite number >= 0"):
         ml.AdamW(model, lr=lambda step: -1.0).step({})
+    opt = ml.AdamW(model, lr=1e-3)
+    with pytest.raises(ValueError, match=r"no gradients \(an empty dict\).*no step was counted"):
+        opt.step({})
+    assert opt.step_count == 0
 
 
 def test_backward_names_both_shapes(tiny_cfg, tiny_idx):

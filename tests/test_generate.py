@@ -50,3 +50,19 @@ def test_generate_needs_a_language_model_head(lm):
     lm.replace_head(2)
     with pytest.raises(ValueError, match="language-model head"):
         generate(lm, np.array([[1]]), 1)
+
+
+def test_logits_that_are_not_finite_are_refused_not_turned_into_a_token(lm):
+    """A NaN in the weights makes every logit NaN: argmax would answer token 0, so generation
+    stops with the sequence named instead; -inf (a ruled-out token) is fine."""
+    from minilora.generate import GenerationError
+
+    assert int(sample_next(np.array([[-np.inf, 1.0, -np.inf]]))[0]) == 1
+    for bad in (np.nan, np.inf):
+        with pytest.raises(GenerationError, match=r"not finite .* sequence\(s\) \[1\]"):
+            sample_next(np.array([[0.0, 1.0, 2.0], [0.0, bad, 2.0]]), temperature=0.5)
+    with pytest.raises(GenerationError, match="not finite"):
+        sample_next(np.array([[-np.inf, -np.inf]]))
+    lm.params["ln_f.weight"][0] = np.nan
+    with pytest.raises(GenerationError, match=r"sequence\(s\) \[0\]"):
+        generate(lm, np.array([[1, 2]]), 3)

@@ -33,6 +33,24 @@ def test_only_the_head_trains(tiny_cfg, tiny_idx):
     assert r.max_rel_error < MODEL_TOL and set(r.errors) == set(model.trainable)
 
 
+def test_a_head_alone_gets_no_dx(monkeypatch, tiny_cfg, tiny_idx):
+    """Only the head trains (a LoRA adapter on it, or its weights): the backward stops at the
+    head, with no dx product and no final-layernorm backward, and is still exact."""
+    import minilora.model
+
+    model = ml.GPTModel(tiny_cfg, seed=4, dtype="float64").replace_head(3)
+    ml.apply_lora(model, rank=2, alpha=3, targets=["out_head"])
+    calls = []
+    real = minilora.model.layernorm_backward
+    monkeypatch.setattr(minilora.model, "layernorm_backward", lambda *a: calls.append(1) or real(*a))
+    r = check_model(model, tiny_idx, "head_adapter_only")
+    assert r.max_rel_error < MODEL_TOL and set(r.errors) == {"out_head.lora_A", "out_head.lora_B"}
+    assert calls == []
+    model.trainable.append("ln_f.bias")  # now the final layernorm trains: dx goes through the head again
+    r = check_model(model, tiny_idx, "head_adapter_and_ln_f")
+    assert r.max_rel_error < MODEL_TOL and calls
+
+
 def test_backward_returns_only_trainable_names(tiny_cfg, tiny_idx):
     model = ml.GPTModel(tiny_cfg, dtype="float64")
     model.freeze()
