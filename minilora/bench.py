@@ -8,6 +8,8 @@ so that the ratios are meaningful on a noisy machine:
 - the matmul floor: the step's own matrix products (the same shapes and layouts, in
   the same batch shards side by side), timed alone, one product's operands held at a
   time (matmul_floor_fn); step / floor says how much time goes elsewhere;
+- where PyTorch is installed, the same step in PyTorch eager on the same device
+  (bench_torch), its turn taken in every round beside the step and the floor;
 - the peak memory the step allocates (tracemalloc sees every NumPy buffer) and the
   process's peak resident set;
 - a breakdown of the step's time by layer function (cProfile);
@@ -432,11 +434,15 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
     # hits both; the ratio is the median of the per-round ratios
     floor_fn = matmul_floor_fn(step)  # returns the seconds of its products
     shards = len(backend.batch_shards(batch, device))
-    for fn in (step, step, floor_fn):  # warm-up
-        fn()
-    rounds = [(time_calls(step, xp, 1, warmup=0), floor_fn()) for _ in range(repeats)]
-    step_s = float(np.median([s for s, _ in rounds]))
-    floor_s = float(np.median([f for _, f in rounds]))
+    torch_step, torch_info = _torch_step(cfg, batch, seq, rank, device, dtype) if torch else (None, None)
+    for fn in (step, step, floor_fn, torch_step, torch_step):  # warm-up
+        if fn is not None:
+            fn()
+    # PyTorch eager, when it is installed, takes its turn in every round too
+    rounds = [(time_calls(step, xp, 1, warmup=0), floor_fn(), _torch_turn(torch_step)) for _ in range(repeats)]
+    step_s = float(np.median([s for s, _, _ in rounds]))
+    floor_s = float(np.median([f for _, f, _ in rounds]))
+    del torch_step  # its model and activations: not held through the rest of the report
     eval_s = time_calls(lambda: step(train=False), xp, repeats)
     # the same step, every operation in the same order, at width 64: its time is what a
     # step costs whatever the arithmetic (Python, dispatch, kernel launches on a GPU)
@@ -450,7 +456,7 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
         "trainable_params": model.num_params(trainable_only=True), "total_params": model.num_params(),
         "step_seconds": step_s, "tokens_per_second": batch * seq / step_s,
         "matmul_floor_seconds": floor_s,
-        "step_over_floor": float(np.median([s / f for s, f in rounds])),
+        "step_over_floor": float(np.median([s / f for s, f, _ in rounds])),
         "eval_batch_seconds": eval_s,
         "dispatch_step_seconds": dispatch_s, "dispatch_width": DISPATCH_WIDTH, "dispatch_heads": DISPATCH_HEADS,
         "appendix_e_projected_seconds": appendix_e_seconds(step_s, eval_s),
@@ -465,12 +471,42 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
         del model, step
         report["generate_tokens_per_second"] = generation_speed(cfg, device)
         report["generate_tokens_per_second_no_kv_cache"] = generation_speed(cfg, device, kv_cache=False)
-    if torch and device == "cpu" and dtype == "float32":
-        try:
-            from .bench_torch import time_torch_step
-        except ImportError:
-            report["torch"] = None
-        else:
-            report["torch"] = time_torch_step(cfg, batch, seq, rank, repeats)
-            report["step_over_torch"] = step_s / report["torch"]["torch_step_seconds"]
+    if torch_info is not None:
+        report["torch"] = {**torch_info, "torch_step_seconds": float(np.median([t for _, _, t in rounds]))}
+        report["step_over_torch"] = float(np.median([s / t for s, _, t in rounds]))
+    elif torch:
+        report["torch"] = None
     return report
+
+
+def _torch_turn(torch_step):
+    """Seconds of one PyTorch step (None without one), then a pause before the next round's
+    minilora step: PyTorch's OpenMP threads keep spinning on the cores a while after its
+    last parallel region. Measured on 2 cores (GPT-2 small, two runs each): with no pause
+    step / floor came out 1.31 and 1.44, against 1.19 and 1.18 with no PyTorch in the
+    rounds; with the pause 1.26 and 1.27, against 1.20 and 1.32."""
+    if torch_step is None:
+        return None
+    seconds = time_calls(torch_step, np, 1, warmup=0)
+    time.sleep(TORCH_PAUSE)
+    return seconds
+
+
+TORCH_PAUSE = 0.5  # seconds
+
+
+def _torch_step(cfg, batch, seq, rank, device, dtype):
+    """(step, info) of the same step in PyTorch eager on the same device (bench_torch), or
+    (None, None) where PyTorch is not installed, lacks CUDA for a cuda bench, or the dtype
+    is not float32 (the PyTorch model's)."""
+    if dtype != "float32":
+        return None, None
+    try:
+        import torch
+
+        from .bench_torch import build_torch_step
+    except ImportError:
+        return None, None
+    if device == "cuda" and not torch.cuda.is_available():
+        return None, None
+    return build_torch_step(cfg, batch, seq, rank, device)

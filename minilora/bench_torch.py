@@ -3,7 +3,8 @@ dependency: ``minilora.bench`` imports this module only when torch is installed.
 
 GPT-2 small with random weights, a 2-class head, rank-16 LoRA on Q, K, V (separately),
 the attention projection, both MLP layers and the head, AdamW, batch 8 x 120, float32,
-classifying from the last position: what ``minilora.bench.build_step`` runs.
+classifying from the last position: what ``minilora.bench.build_step`` runs, on the CPU
+or a CUDA GPU (``device``).
 """
 
 import math
@@ -49,7 +50,7 @@ class Block(nn.Module):
         q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=-1)
         q, k, v = (t.view(B, T, self.NH, C // self.NH).transpose(1, 2) for t in (q, k, v))
         att = (q @ k.transpose(-2, -1)) / math.sqrt(C // self.NH)
-        mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), 1)
         att = att.masked_fill(mask, float("-inf")).softmax(-1)
         x = x + self.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
         return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
@@ -71,28 +72,42 @@ class GPT2LoRA(nn.Module):
 
     def forward(self, idx):
         T = idx.shape[1]
-        x = self.wte(idx) + self.wpe(torch.arange(T))
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
         for b in self.blocks:
             x = b(x)
         return self.head(self.ln_f(x)[:, -1, :])
 
 
-def time_torch_step(cfg, batch=8, seq=120, rank=16, repeats=5, warmup=2, seed=0):
-    """Median seconds of a PyTorch eager LoRA step of the GPT-2 `cfg` (a minilora GPTConfig)."""
+def build_torch_step(cfg, batch=8, seq=120, rank=16, device="cpu", seed=0):
+    """(step, info): a function running one PyTorch eager LoRA step of the GPT-2 `cfg` (a
+    minilora GPTConfig) on `device` ("cpu" or "cuda"), returning when the device is done
+    (CUDA runs asynchronously: the step synchronizes), and what to report beside its time."""
     torch.manual_seed(seed)
-    model = GPT2LoRA(cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_heads, cfg.n_layers, rank)
+    dev = torch.device(device)
+    model = GPT2LoRA(cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_heads, cfg.n_layers, rank).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=8e-4, weight_decay=0.1)
     rng = np.random.default_rng(seed)
-    idx = torch.tensor(rng.integers(0, 50257, (batch, seq)))
-    labels = torch.tensor(rng.integers(0, 2, batch))
+    idx = torch.tensor(rng.integers(0, cfg.vocab_size, (batch, seq)), device=dev)
+    labels = torch.tensor(rng.integers(0, 2, batch), device=dev)
 
     def step():
         opt.zero_grad()
         loss = F.cross_entropy(model(idx), labels)
         loss.backward()
         opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
+    info = {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(), "torch_device": device,
+            "torch_trainable_params": sum(p.numel() for p in params)}
+    return step, info
+
+
+def time_torch_step(cfg, batch=8, seq=120, rank=16, repeats=5, warmup=2, seed=0, device="cpu"):
+    """Median seconds of a PyTorch eager LoRA step (build_torch_step), timed alone: the
+    info dict with "torch_step_seconds" added."""
+    step, info = build_torch_step(cfg, batch, seq, rank, device, seed)
     for _ in range(warmup):
         step()
     times = []
@@ -100,8 +115,4 @@ def time_torch_step(cfg, batch=8, seq=120, rank=16, repeats=5, warmup=2, seed=0)
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "torch_step_seconds": float(np.median(times)),
-            "torch_trainable_params": sum(p.numel() for p in params)}
-
-
+    return {**info, "torch_step_seconds": float(np.median(times))}

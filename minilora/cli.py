@@ -337,7 +337,7 @@ def cmd_bench(args):
     print(f"  matmul floor:         {r['matmul_floor_seconds']:.3f} s   step / floor = {r['step_over_floor']:.2f}")
     if r.get("torch"):
         print(f"  PyTorch {r['torch']['torch_version']} eager: {r['torch']['torch_step_seconds']:.3f} s   "
-              f"step / torch = {r['step_over_torch']:.2f}")
+              f"step / torch = {r['step_over_torch']:.2f}   (alternated with the step, {r['torch']['torch_device']})")
     print(f"  evaluation batch:     {r['eval_batch_seconds']:.3f} s; whole appendix E run (5 epochs, book "
           f"padding) projected at {r['appendix_e_projected_seconds'] / 60:.1f} min")
     print(f"  dispatch step:        {r['dispatch_step_seconds']:.3f} s   (the same step at width "

@@ -306,6 +306,28 @@ def test_bench_prints_the_count_and_its_json_has_it(tiny_bench, capsys):
         assert name in text, name
 
 
+def test_bench_alternates_pytorch_with_the_step(tiny_bench, capsys, monkeypatch):
+    """Where PyTorch is installed, its eager step takes a turn in every round (two warm-up
+    steps, then one a round) on the bench's device, and step / torch is reported."""
+    pytest.importorskip("torch")
+    import minilora.bench_torch
+
+    calls = []
+    real = minilora.bench_torch.build_torch_step
+
+    def counted(*args, **kwargs):
+        step, info = real(*args, **kwargs)
+        return (lambda: calls.append(1) or step()), info
+
+    monkeypatch.setattr(minilora.bench_torch, "build_torch_step", counted)
+    bench = [a for a in tiny_bench if a != "--no-torch"]
+    assert cli.main([*bench, "--repeats", "3", "--no-ops", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(calls) == 2 + 3
+    assert report["torch"]["torch_device"] == "cpu" and report["torch"]["torch_step_seconds"] > 0
+    assert report["step_over_torch"] > 0
+
+
 def test_bench_no_ops_skips_the_count(tiny_bench, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the step was counted")
