@@ -73,9 +73,8 @@ def main():
         cfg = ml.GPTConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2)
         save_pretrained(ml.GPTModel(cfg, seed=0), Path(tmp) / "tiny")
         rc, text, err = run("finetune", [sys.executable, "-m", "minilora", "finetune", "--device", args.device,
-                                         "--model",
-                                         str(Path(tmp) / "tiny"), "--epochs", "1", "--output-dir",
-                                         str(Path(tmp) / "run"), "--offline"])
+                                         "--model", str(Path(tmp) / "tiny"), "--epochs", "1",
+                                         "--output-dir", str(Path(tmp) / "run"), "--offline"])
         out["finetune_returncode"] = rc
         metrics = Path(tmp) / "run" / "metrics.json"
         out["finetune_tiny"] = json.loads(metrics.read_text()) if rc == 0 and metrics.exists() else (text + err)[-2000:]

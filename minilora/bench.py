@@ -194,7 +194,10 @@ def step_matmuls(model, batch, seq):
         if below or ln1_trains or any(n.startswith(h + "attn.") for n in train):
             prods += linear_backward(rows, h + "attn.c_proj") + attention(Tq, backward=True)
             prods += linear_backward(N, h + "attn.c_attn", need_dx=below or ln1_trains)
-    prods += linear_forward(batch, "out_head") + linear_backward(batch, "out_head")  # the classifier head
+    # the classifier head; its dx only when something under it trains (GPTModel._backward_shard)
+    lnf_trains = "ln_f.weight" in train or "ln_f.bias" in train
+    prods += linear_forward(batch, "out_head")
+    prods += linear_backward(batch, "out_head", need_dx=lnf_trains or lowest < cfg.n_layers)
     return prods
 
 
@@ -435,9 +438,8 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
     floor_fn = matmul_floor_fn(step)  # returns the seconds of its products
     shards = len(backend.batch_shards(batch, device))
     torch_step, torch_info = _torch_step(cfg, batch, seq, rank, device, dtype) if torch else (None, None)
-    for fn in (step, step, floor_fn, torch_step, torch_step):  # warm-up
-        if fn is not None:
-            fn()
+    for fn in filter(None, (step, step, floor_fn, torch_step, torch_step)):  # warm-up; no torch_step: None
+        fn()
     # PyTorch eager, when it is installed, takes its turn in every round too
     rounds = [(time_calls(step, xp, 1, warmup=0), floor_fn(), _torch_turn(torch_step)) for _ in range(repeats)]
     step_s = float(np.median([s for s, _, _ in rounds]))
@@ -479,6 +481,9 @@ def run_benchmark(preset="gpt2-small", batch=8, seq=120, rank=16, device=None, d
     return report
 
 
+TORCH_PAUSE = 0.5  # seconds after each PyTorch step of the rounds (_torch_turn)
+
+
 def _torch_turn(torch_step):
     """Seconds of one PyTorch step (None without one), then a pause before the next round's
     minilora step: PyTorch's OpenMP threads keep spinning on the cores a while after its
@@ -490,9 +495,6 @@ def _torch_turn(torch_step):
     seconds = time_calls(torch_step, np, 1, warmup=0)
     time.sleep(TORCH_PAUSE)
     return seconds
-
-
-TORCH_PAUSE = 0.5  # seconds
 
 
 def _torch_step(cfg, batch, seq, rank, device, dtype):

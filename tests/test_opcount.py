@@ -213,6 +213,15 @@ def test_each_shard_repeats_the_layer_functions_operations(monkeypatch, tiny_cfg
     assert {fn: two[fn] for fn in one} == {fn: n if fn in loss else 2 * n for fn, n in one.items()}
 
 
+@pytest.mark.parametrize("targets", [["out_head"], ["out_head", "h.1.mlp.c_fc"]])
+def test_the_floor_lists_the_head_dx_only_when_something_under_it_trains(tiny_cfg, targets):
+    """Only the head's adapter trains: the step takes no dx through the head, and neither
+    does the floor's product list; with an adapter under it, both take it."""
+    report = step_op_count(tiny_cfg, batch=3, seq=5, rank=2, targets=targets)
+    model, _ = build_step(tiny_cfg, 3, 5, 2, targets=targets)
+    assert report["by_kind"]["matmul"] == len(step_matmuls(model, 3, 5))
+
+
 def test_the_step_count_has_one_matmul_per_product_of_the_floor(tiny_cfg):
     """An independent tally: bench.step_matmuls lists every product of one shard's step
     (what the floor times); the counted step (one shard) runs exactly those."""
